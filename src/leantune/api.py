@@ -1,0 +1,257 @@
+"""``wrap`` a Hugging Face model with a method config, save only the delta, ``load`` it back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from leantune import __version__
+from leantune.backbones import ArchitectureMap, Backbone, resolve
+from leantune.config import MethodConfig
+from leantune.errors import CheckpointError, UnsupportedMethodError
+from leantune.methods.base import TuningMethod, resolve_module_names
+from leantune.registry import get_method, methods
+
+CONFIG_NAME = "leantune_config.json"
+DELTA_NAME = "delta.safetensors"
+
+# Config keys that differ between a model built in code and the same model loaded from disk.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What identifies a base model: its type, a hash of its config, and a hash of its parameter names and shapes."""
+    config = getattr(model, "config", None)
+    config_dict = config.to_dict() if config is not None else {}
+    config_dict = {k: v for k, v in config_dict.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    shapes = [[name, list(p.shape)] for name, p in model.named_parameters()]
+    return {
+        "model_class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "config_sha256": _sha256_json(config_dict),
+        "parameters_sha256": _sha256_json(shapes),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class TunedModel(nn.Module):
+    """A Hugging Face model with one tuning method attached; forwards and generates like the model it wraps."""
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        method: TuningMethod,
+        backbone: Backbone,
+        base_fingerprint: dict[str, Any],
+        method_modules: nn.Module | None,
+        added_names: set[str],
+    ) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.method_modules = method_modules
+        self.method = method
+        self.backbone = backbone
+        self.base_fingerprint = base_fingerprint
+        self._added_names = added_names
+        self._merged = False
+
+    @property
+    def method_config(self) -> MethodConfig:
+        """The method's config."""
+        return self.method.config
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks (``config``, ``device``, ...) come from the base model."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_not_merged()
+        return self.method.forward(self, *args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_not_merged()
+        return self.method.generate(self, *args, **kwargs)
+
+    def _check_not_merged(self) -> None:
+        if self._merged:
+            raise UnsupportedMethodError("this TunedModel was merged; use the model merge() returned")
+
+    # --- parameters -------------------------------------------------------------------------------
+    def trainable_parameter_count(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts, tied weights counted once."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print peft's line: ``trainable params: N || all params: M || trainable%: P``."""
+        trainable, total = self.trainable_parameter_count()
+        percent = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
+
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the method trained or added: trainable parameters plus every parameter and buffer it added."""
+        delta = {n: p for n, p in self.named_parameters() if p.requires_grad or n in self._added_names}
+        delta.update({n: b for n, b in self.named_buffers() if n in self._added_names})
+        return delta
+
+    # --- save / load / merge ----------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``leantune_config.json`` and ``delta.safetensors`` (only the delta), each atomically."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in self.delta_state_dict().items()}
+        delta_path = directory / DELTA_NAME
+        _atomic_write(delta_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        record = {
+            "method": self.method.name,
+            "options": self.method.config.to_dict(),
+            "leantune_version": __version__,
+            "base_model": self.base_fingerprint,
+            "delta_sha256": _sha256_file(delta_path),
+            "delta_tensors": len(tensors),
+        }
+        _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+
+    def merge(self) -> nn.Module:
+        """Fold the delta into the base weights and return the plain Hugging Face model (exact methods only)."""
+        self._check_not_merged()
+        merged = self.method.merge(self)
+        self._merged = True
+        return merged
+
+
+def wrap(model: nn.Module, config: MethodConfig, architecture: ArchitectureMap | None = None) -> TunedModel:
+    """Attach the method of ``config`` to ``model`` (modified in place) and freeze everything it does not train."""
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"config must be a method config such as LoRAConfig, got {type(config).__name__}")
+    base_fingerprint = fingerprint(model)
+    backbone = resolve(model, architecture)
+    to_save = resolve_module_names(model, config.modules_to_save, "modules_to_save", config)
+    before = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    before |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    method = get_method(config.method)(config)
+    method_modules = method.attach(model, backbone)
+    heads = [m for _, m in backbone.task_heads()] if config.train_head else []
+    for module in heads + [model.get_submodule(n) for n in to_save]:
+        module.requires_grad_(True)
+    added = {f"base_model.{n}" for n, _ in model.named_parameters(remove_duplicate=False) if n not in before}
+    added |= {f"base_model.{n}" for n, _ in model.named_buffers(remove_duplicate=False) if n not in before}
+    if method_modules is not None:
+        added |= {f"method_modules.{n}" for n, _ in method_modules.named_parameters()}
+        added |= {f"method_modules.{n}" for n, _ in method_modules.named_buffers()}
+    return TunedModel(model, method, backbone, base_fingerprint, method_modules, added)
+
+
+def load(
+    base_model: nn.Module, directory: str | os.PathLike, architecture: ArchitectureMap | None = None
+) -> TunedModel:
+    """Wrap ``base_model`` with the method saved in ``directory`` and restore its delta; fail on any mismatch."""
+    directory = Path(directory)
+    record = _read_record(directory / CONFIG_NAME)
+    config = _config_from_record(record, directory / CONFIG_NAME)
+    _check_fingerprint(record["base_model"], fingerprint(base_model), directory)
+    tensors = _read_delta(directory / DELTA_NAME, record["delta_sha256"])
+    tuned = wrap(base_model, config, architecture)
+    expected = tuned.delta_state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / DELTA_NAME} does not match method {config.method!r} on this model: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    with torch.no_grad():
+        for name, target in expected.items():
+            value = tensors[name]
+            if value.shape != target.shape:
+                raise CheckpointError(
+                    f"{directory / DELTA_NAME}: tensor {name} has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(target.shape)}"
+                )
+            target.copy_(value)
+    return tuned
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a leantune save directory")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    for key in ("method", "options", "base_model", "delta_sha256"):
+        if key not in record:
+            raise CheckpointError(f"{path} has no {key!r} entry")
+    return record
+
+
+def _config_from_record(record: dict[str, Any], path: Path) -> MethodConfig:
+    name = record["method"]
+    if name not in methods():
+        raise CheckpointError(f"{path}: unknown method {name!r}; registered methods: {', '.join(methods())}")
+    try:
+        return get_method(name).config_class.from_options(**record["options"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: invalid options for method {name!r}: {err}") from None
+
+
+def _check_fingerprint(saved: dict[str, Any], actual: dict[str, Any], directory: Path) -> None:
+    differing = [k for k in saved if saved.get(k) != actual.get(k)]
+    if differing:
+        details = "; ".join(f"{k}: saved {saved[k]!r}, this model {actual.get(k)!r}" for k in differing)
+        raise CheckpointError(f"{directory} was saved from another base model ({details})")
+
+
+def _read_delta(path: Path, sha256: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    if _sha256_file(path) != sha256:
+        raise CheckpointError(f"{path} is corrupt or truncated: its checksum differs from the one saved with it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} cannot be read as safetensors ({err})") from None
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``leantune`` CLI, one module each (see ``leantune.cli``)."""

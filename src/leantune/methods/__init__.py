@@ -1,0 +1,1 @@
+"""One file per tuning method; each registers itself with :func:`leantune.registry.register`."""

@@ -1,0 +1,1 @@
+"""Data, formatting and metrics per task family."""
