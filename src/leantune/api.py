@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from leantune import __version__
 from leantune.backbones import ArchitectureMap, Backbone, resolve
 from leantune.config import MethodConfig
 from leantune.errors import CheckpointError, UnsupportedMethodError
-from leantune.methods.base import TuningMethod, resolve_module_names
+from leantune.methods.base import AttachContext, TuningMethod, resolve_module_names
 from leantune.registry import get_method, methods
 
 CONFIG_NAME = "leantune_config.json"
@@ -141,8 +142,23 @@ class TunedModel(nn.Module):
         return merged
 
 
-def wrap(model: nn.Module, config: MethodConfig, architecture: ArchitectureMap | None = None) -> TunedModel:
-    """Attach the method of ``config`` to ``model`` (modified in place) and freeze everything it does not train."""
+def wrap(
+    model: nn.Module,
+    config: MethodConfig,
+    architecture: ArchitectureMap | None = None,
+    data: Iterable[dict[str, torch.Tensor]] | None = None,
+) -> TunedModel:
+    """Attach the method of ``config`` to ``model`` (modified in place) and freeze everything it does not train.
+
+    ``architecture`` replaces the built-in map entry; ``data`` (task batches with labels) feeds methods that
+    initialise from data, such as a Fisher-guided initialisation.
+    """
+    return _wrap(model, config, architecture, AttachContext(data=data))
+
+
+def _wrap(
+    model: nn.Module, config: MethodConfig, architecture: ArchitectureMap | None, context: AttachContext
+) -> TunedModel:
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be a method config such as LoRAConfig, got {type(config).__name__}")
     base_fingerprint = fingerprint(model)
@@ -153,7 +169,7 @@ def wrap(model: nn.Module, config: MethodConfig, architecture: ArchitectureMap |
     for p in model.parameters():
         p.requires_grad_(False)
     method = get_method(config.method)(config)
-    method_modules = method.attach(model, backbone)
+    method_modules = method.attach(model, backbone, context)
     heads = [m for _, m in backbone.task_heads()] if config.train_head else []
     for module in heads + [model.get_submodule(n) for n in to_save]:
         module.requires_grad_(True)
@@ -174,7 +190,7 @@ def load(
     config = _config_from_record(record, directory / CONFIG_NAME)
     _check_fingerprint(record["base_model"], fingerprint(base_model), directory)
     tensors = _read_delta(directory / DELTA_NAME, record["delta_sha256"])
-    tuned = wrap(base_model, config, architecture)
+    tuned = _wrap(base_model, config, architecture, AttachContext(saved=tensors))
     expected = tuned.delta_state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:

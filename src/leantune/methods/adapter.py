@@ -15,7 +15,7 @@ from torch import nn
 
 from leantune.backbones import Backbone, linear_in_out
 from leantune.config import MethodConfig, check_choice, check_positive, option
-from leantune.methods.base import TuningMethod, add_output_hook
+from leantune.methods.base import AttachContext, TuningMethod, add_output_hook
 from leantune.registry import register
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -71,7 +71,7 @@ class Adapter(TuningMethod):
     name = "adapter"
     config_class = AdapterConfig
 
-    def attach(self, model: nn.Module, backbone: Backbone) -> None:
+    def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:
         for role in PLACEMENT_ROLES[self.config.placement]:
             for _, module in backbone.modules_for_role(role):
                 _, hidden_size = linear_in_out(module)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import nn
 
 from leantune.backbones import Backbone
@@ -12,6 +15,24 @@ from leantune.errors import UnsupportedMethodError
 
 if TYPE_CHECKING:
     from leantune.api import TunedModel
+
+
+@dataclass
+class AttachContext:
+    """What ``attach`` may need beyond the model.
+
+    ``data``: task batches (dicts of tensors the model accepts, labels included) for methods initialised
+    from data, such as a Fisher-guided initialisation or mask. ``saved``: when ``load`` rebuilds a tuned
+    model, the delta about to be restored; a method whose added tensors have data-dependent shapes takes the
+    shapes from it, and needs no ``data`` because every value it adds is overwritten.
+    """
+
+    data: Iterable[dict[str, torch.Tensor]] | None = None
+    saved: dict[str, torch.Tensor] | None = None
+
+    @property
+    def loading(self) -> bool:
+        return self.saved is not None
 
 
 class TuningMethod:
@@ -31,7 +52,7 @@ class TuningMethod:
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
 
-    def attach(self, model: nn.Module, backbone: Backbone) -> nn.Module | None:
+    def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> nn.Module | None:
         """Insert the method into ``model`` (in place); return modules the tuned model owns outside it."""
         raise NotImplementedError
 

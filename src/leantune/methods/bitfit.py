@@ -14,7 +14,7 @@ from torch import nn
 from leantune.backbones import Backbone, linear_in_out
 from leantune.config import MethodConfig, option
 from leantune.errors import UnsupportedMethodError
-from leantune.methods.base import TuningMethod
+from leantune.methods.base import AttachContext, TuningMethod
 from leantune.registry import register
 
 PROJECTION_ROLES = (
@@ -39,7 +39,7 @@ class BitFit(TuningMethod):
     name = "bitfit"
     config_class = BitFitConfig
 
-    def attach(self, model: nn.Module, backbone: Backbone) -> None:
+    def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:
         if self.config.add_missing_biases:
             for role in PROJECTION_ROLES:
                 for _, module in backbone.modules_for_role(role):

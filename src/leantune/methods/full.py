@@ -8,7 +8,7 @@ from torch import nn
 
 from leantune.backbones import Backbone
 from leantune.config import MethodConfig
-from leantune.methods.base import TuningMethod
+from leantune.methods.base import AttachContext, TuningMethod
 from leantune.registry import register
 
 
@@ -24,7 +24,7 @@ class Full(TuningMethod):
     name = "full"
     config_class = FullConfig
 
-    def attach(self, model: nn.Module, backbone: Backbone) -> None:
+    def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:
         model.requires_grad_(True)
 
     def merge(self, tuned) -> nn.Module:

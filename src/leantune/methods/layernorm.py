@@ -9,7 +9,7 @@ from torch import nn
 from leantune.backbones import Backbone
 from leantune.config import MethodConfig, option
 from leantune.errors import UnsupportedMethodError
-from leantune.methods.base import TuningMethod
+from leantune.methods.base import AttachContext, TuningMethod
 from leantune.registry import register
 
 
@@ -27,7 +27,7 @@ class LayerNormTuning(TuningMethod):
     name = "layernorm"
     config_class = LayerNormConfig
 
-    def attach(self, model: nn.Module, backbone: Backbone) -> None:
+    def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:
         norms = backbone.norm_modules()
         if not norms:
             raise UnsupportedMethodError(f"{type(model).__name__} has no LayerNorm or RMSNorm module to tune")

@@ -17,7 +17,7 @@ from torch import nn
 from leantune.backbones import Backbone, linear_in_out
 from leantune.config import MethodConfig, check_positive, option
 from leantune.errors import UnsupportedModelError
-from leantune.methods.base import TuningMethod, add_output_hook, resolve_module_names
+from leantune.methods.base import AttachContext, TuningMethod, add_output_hook, resolve_module_names
 from leantune.registry import register
 
 
@@ -71,7 +71,7 @@ class LoRA(TuningMethod):
     name = "lora"
     config_class = LoRAConfig
 
-    def attach(self, model: nn.Module, backbone: Backbone) -> None:
+    def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:
         self.targets = self._target_names(model, backbone)
         self.hooks = []
         for name in self.targets:

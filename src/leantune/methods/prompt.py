@@ -17,7 +17,7 @@ from torch import nn
 from leantune.backbones import Backbone
 from leantune.config import MethodConfig, check_choice, check_positive, option
 from leantune.errors import UnsupportedMethodError
-from leantune.methods.base import TuningMethod
+from leantune.methods.base import AttachContext, TuningMethod
 from leantune.registry import register
 
 
@@ -66,7 +66,7 @@ class PromptTuning(TuningMethod):
     config_class = PromptConfig
     merge_unsupported_reason = "a soft prompt adds input tokens; it has no weights to fold into"
 
-    def attach(self, model: nn.Module, backbone: Backbone) -> nn.Module:
+    def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> nn.Module:
         if backbone.arch.modality != "text":
             raise UnsupportedMethodError(
                 f"prompt tuning prepends token embeddings; family {backbone.family!r} ({backbone.arch.modality}) "
