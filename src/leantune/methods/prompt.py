@@ -2,8 +2,8 @@
 
 Encoder-decoder models get the prompt in front of the encoder input, encoder-only and decoder-only models in
 front of their only input; the attention mask (and ``token_type_ids``, and for decoder-only models the
-``labels``) are extended to match. With ``reparameterize`` the prompt passes through a two-layer MLP, as in
-VL-Adapter's prompt baseline; only its output matters at inference.
+``labels``) are extended to match. With ``reparameterize`` the prompt is ``Linear -> Tanh -> Linear`` applied to
+the table at every forward, as in VL-Adapter's prompt baseline.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ class PromptConfig(MethodConfig):
 
     num_tokens: int = option(20, "Number of soft prompt tokens.")
     init: str = option("vocab", "vocab = copy the embeddings of random vocabulary tokens; random = N(0, 0.02).")
-    reparameterize: bool = option(False, "Produce the prompt through a trainable MLP (VL-Adapter's prompt baseline).")
-    reparameterize_hidden: int = option(512, "Hidden width of the reparameterisation MLP.")
+    reparameterize: bool = option(False, "Produce the prompt as MLP(table), Linear-Tanh-Linear (VL-Adapter's prompt baseline).")
+    reparameterize_hidden: int = option(800, "Hidden width of the reparameterisation MLP (VL-Adapter: 800).")
 
     def validate(self) -> None:
         super().validate()
@@ -56,7 +56,7 @@ class SoftPrompt(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, d)).to(table)
 
     def forward(self, batch_size: int) -> torch.Tensor:
-        prompt = self.embedding if self.mlp is None else self.embedding + self.mlp(self.embedding)
+        prompt = self.embedding if self.mlp is None else self.mlp(self.embedding)
         return prompt.unsqueeze(0).expand(batch_size, -1, -1)
 
 
