@@ -13,6 +13,12 @@ Block roles (paths relative to a block):
 ``ffn_input``               the feed-forward input projection(s)
 ``ffn_output``              the projection whose output is the feed-forward sub-layer's output
 ``cross_*``                 the same for cross-attention (decoders of encoder-decoder models)
+``attention_norm``          the norm of the self-attention sub-layer (before it in pre-norm families, after it in
+                            post-norm ones, see ``ArchitectureMap.norm_position``); ``cross_attention_norm``,
+                            ``ffn_norm`` likewise
+``activation``              the feed-forward non-linearity module
+``relative_position_bias``  T5's relative position bias table (first block of a stack only)
+``attention_scale``/``ffn_scale``  per-channel layer scale after a sub-layer (DINOv2)
 
 A role may list several candidate paths; those that exist in a block are used (T5 v1.0 has ``wi``,
 T5 v1.1 has ``wi_0`` and ``wi_1``). Roles in :data:`REQUIRED_ROLES` must resolve in every block.
@@ -65,6 +71,16 @@ class ArchitectureMap:
     lora_targets: tuple[str, ...] = ("query", "value")
     lm_head: str | None = None
     modality: str = "text"
+    # Where the block norms sit: "pre" (norm, sub-layer, residual add) or "post" (sub-layer, residual add, norm).
+    norm_position: str = "pre"
+    # How the family's classification head pools the final hidden states: "first" (CLS token), "eos" (last
+    # end-of-sequence token), "mean" (all tokens), "patch_mean" (all but the first), "first+patch_mean" (both,
+    # concatenated, DINOv2).
+    pooling: str = "first"
+    # T5: with tied embeddings the decoder output is multiplied by d_model ** -0.5 before the lm_head.
+    rescales_tied_lm_head_input: bool = False
+    # A buffer (relative to the top-level model) added to the lm_head's logits (BART's final_logits_bias).
+    lm_logits_bias: str | None = None
 
 
 def _encoder_roles(prefix: str, q: str, k: str, v: str, o: str, ffn_in: Paths, ffn_out: str, attn: str) -> dict:
@@ -89,6 +105,10 @@ _T5_ENCODER_ROLES = {
     "feed_forward": ("layer.1.DenseReluDense",),
     "ffn_input": tuple("layer.1." + p for p in _T5_FFN),
     "ffn_output": ("layer.1.DenseReluDense.wo",),
+    "attention_norm": ("layer.0.layer_norm",),
+    "ffn_norm": ("layer.1.layer_norm",),
+    "activation": ("layer.1.DenseReluDense.act",),
+    "relative_position_bias": ("layer.0.SelfAttention.relative_attention_bias",),
 }
 _T5_DECODER_ROLES = {
     "attention": ("layer.0.SelfAttention",),
@@ -104,10 +124,18 @@ _T5_DECODER_ROLES = {
     "feed_forward": ("layer.2.DenseReluDense",),
     "ffn_input": tuple("layer.2." + p for p in _T5_FFN),
     "ffn_output": ("layer.2.DenseReluDense.wo",),
+    "attention_norm": ("layer.0.layer_norm",),
+    "cross_attention_norm": ("layer.1.layer_norm",),
+    "ffn_norm": ("layer.2.layer_norm",),
+    "activation": ("layer.2.DenseReluDense.act",),
+    "relative_position_bias": ("layer.0.SelfAttention.relative_attention_bias",),
 }
-_BART_ENCODER_ROLES = _encoder_roles(
-    "self_attn.", "q_proj", "k_proj", "v_proj", "self_attn.out_proj", ("fc1",), "fc2", "self_attn"
-)
+_BART_ENCODER_ROLES = {
+    **_encoder_roles("self_attn.", "q_proj", "k_proj", "v_proj", "self_attn.out_proj", ("fc1",), "fc2", "self_attn"),
+    "attention_norm": ("self_attn_layer_norm",),
+    "ffn_norm": ("final_layer_norm",),
+    "activation": ("activation_fn",),
+}
 _BART_DECODER_ROLES = {
     **_BART_ENCODER_ROLES,
     "cross_attention": ("encoder_attn",),
@@ -115,24 +143,40 @@ _BART_DECODER_ROLES = {
     "cross_key": ("encoder_attn.k_proj",),
     "cross_value": ("encoder_attn.v_proj",),
     "cross_attention_output": ("encoder_attn.out_proj",),
+    "cross_attention_norm": ("encoder_attn_layer_norm",),
 }
-_BERT_ROLES = _encoder_roles(
-    "attention.self.", "query", "key", "value", "attention.output.dense", ("intermediate.dense",), "output.dense",
-    "attention",
-)
-_DEBERTA_ROLES = _encoder_roles(
-    "attention.self.", "query_proj", "key_proj", "value_proj", "attention.output.dense", ("intermediate.dense",),
-    "output.dense", "attention",
-)
+_BERT_NORM_ROLES = {
+    "attention_norm": ("attention.output.LayerNorm",),
+    "ffn_norm": ("output.LayerNorm",),
+    "activation": ("intermediate.intermediate_act_fn",),
+}
+_BERT_ROLES = {
+    **_encoder_roles("attention.self.", "query", "key", "value", "attention.output.dense", ("intermediate.dense",),
+                     "output.dense", "attention"),
+    **_BERT_NORM_ROLES,
+}
+_DEBERTA_ROLES = {
+    **_encoder_roles("attention.self.", "query_proj", "key_proj", "value_proj", "attention.output.dense",
+                     ("intermediate.dense",), "output.dense", "attention"),
+    **_BERT_NORM_ROLES,
+}
 _VIT_ROLES = {
     **_encoder_roles("attention.", "q_proj", "k_proj", "v_proj", "attention.o_proj", ("mlp.fc1",), "mlp.fc2",
                      "attention"),
     "feed_forward": ("mlp",),
+    "attention_norm": ("layernorm_before", "norm1"),
+    "ffn_norm": ("layernorm_after", "norm2"),
+    "activation": ("mlp.activation_fn",),
+    "attention_scale": ("layer_scale1",),
+    "ffn_scale": ("layer_scale2",),
 }
 _CLIP_ROLES = {
     **_encoder_roles("self_attn.", "q_proj", "k_proj", "v_proj", "self_attn.out_proj", ("mlp.fc1",), "mlp.fc2",
                      "self_attn"),
     "feed_forward": ("mlp",),
+    "attention_norm": ("layer_norm1",),
+    "ffn_norm": ("layer_norm2",),
+    "activation": ("mlp.activation_fn",),
 }
 _SWINV2_ROLES = _encoder_roles(
     "attention.self.", "query", "key", "value", "attention.output.dense", ("intermediate.dense",), "output.dense",
@@ -155,6 +199,7 @@ _LLAMA_ROLES = {
 ARCHITECTURES: tuple[ArchitectureMap, ...] = (
     ArchitectureMap(
         family="t5", model_types=("t5", "mt5"), kind="encoder-decoder", lm_head="lm_head",
+        rescales_tied_lm_head_input=True,
         lora_targets=("query", "value", "cross_query", "cross_value"),
         stacks=(
             StackSpec("encoder", "encoder.block", "encoder.embed_tokens", _T5_ENCODER_ROLES,
@@ -165,6 +210,7 @@ ARCHITECTURES: tuple[ArchitectureMap, ...] = (
     ),
     ArchitectureMap(
         family="bart", model_types=("bart", "mbart"), kind="encoder-decoder", lm_head="lm_head",
+        norm_position="post", pooling="eos", lm_logits_bias="final_logits_bias",
         lora_targets=("query", "value", "cross_query", "cross_value"),
         stacks=(
             StackSpec("encoder", "encoder.layers", "encoder.embed_tokens", _BART_ENCODER_ROLES,
@@ -175,10 +221,11 @@ ARCHITECTURES: tuple[ArchitectureMap, ...] = (
     ),
     ArchitectureMap(
         family="bert", model_types=("bert", "roberta", "xlm-roberta", "electra", "camembert"), kind="encoder",
+        norm_position="post",
         stacks=(StackSpec("encoder", "encoder.layer", "embeddings", _BERT_ROLES),),
     ),
     ArchitectureMap(
-        family="deberta-v2", model_types=("deberta-v2",), kind="encoder",
+        family="deberta-v2", model_types=("deberta-v2",), kind="encoder", norm_position="post",
         stacks=(StackSpec("encoder", "encoder.layer", "embeddings", _DEBERTA_ROLES),),
     ),
     ArchitectureMap(
@@ -186,12 +233,12 @@ ARCHITECTURES: tuple[ArchitectureMap, ...] = (
         stacks=(StackSpec("encoder", "layers", "embeddings", _VIT_ROLES, final_norm="layernorm"),),
     ),
     ArchitectureMap(
-        family="dinov2", model_types=("dinov2",), kind="encoder", modality="vision",
+        family="dinov2", model_types=("dinov2",), kind="encoder", modality="vision", pooling="first+patch_mean",
         stacks=(StackSpec("encoder", "encoder.layer", "embeddings", _VIT_ROLES, final_norm="layernorm"),),
     ),
     ArchitectureMap(
         family="clip", model_types=("clip", "clip_vision_model", "clip_text_model"), kind="encoder",
-        modality="vision-text",
+        modality="vision-text", pooling="patch_mean",
         stacks=(
             StackSpec("vision", "vision_model.encoder.layers", "vision_model.embeddings", _CLIP_ROLES,
                       final_norm="vision_model.post_layernorm", embedding_norm="vision_model.pre_layrnorm",
@@ -201,12 +248,12 @@ ARCHITECTURES: tuple[ArchitectureMap, ...] = (
         ),
     ),
     ArchitectureMap(
-        family="swin", model_types=("swin",), kind="encoder", modality="vision",
+        family="swin", model_types=("swin",), kind="encoder", modality="vision", pooling="mean",
         stacks=(StackSpec("encoder", "encoder.layers", "embeddings", _VIT_ROLES, final_norm="layernorm",
                           nested_blocks="blocks"),),
     ),
     ArchitectureMap(
-        family="swinv2", model_types=("swinv2",), kind="encoder", modality="vision",
+        family="swinv2", model_types=("swinv2",), kind="encoder", modality="vision", pooling="mean",
         stacks=(StackSpec("encoder", "encoder.layers", "embeddings", _SWINV2_ROLES, final_norm="layernorm",
                           nested_blocks="blocks"),),
     ),
