@@ -7,6 +7,7 @@ from leantune.backbones import ArchitectureMap, StackSpec, supported_families  #
 from leantune.config import MethodConfig  # noqa: E402
 from leantune.methods.adapter import AdapterConfig  # noqa: E402
 from leantune.methods.bitfit import BitFitConfig  # noqa: E402
+from leantune.methods.fish import FishConfig  # noqa: E402
 from leantune.methods.full import FullConfig  # noqa: E402
 from leantune.methods.layernorm import LayerNormConfig  # noqa: E402
 from leantune.methods.lora import LoRAConfig  # noqa: E402
@@ -17,6 +18,7 @@ __all__ = [
     "AdapterConfig",
     "ArchitectureMap",
     "BitFitConfig",
+    "FishConfig",
     "FullConfig",
     "LayerNormConfig",
     "LoRAConfig",
