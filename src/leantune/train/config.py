@@ -1,0 +1,85 @@
+"""Training hyperparameters: one dataclass, readable from a YAML/JSON file and from ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Defaults follow the LST paper's GLUE recipe where it applies (clip 1.0, linear decay)."""
+
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (never on biases and norms)."})
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas."})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    batch_size: int = field(default=32, metadata={"help": "Examples per optimizer step (all processes together)."})
+    grad_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    epochs: int = field(default=1, metadata={"help": "Passes over the training set (ignored if max_steps is set)."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    warmup_steps: int | None = field(default=None, metadata={"help": "Linear warmup steps (default warmup_ratio)."})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Warmup as a fraction of all steps."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Clip the gradient norm (None: no clip)."})
+    eval_every: int | None = field(default=None, metadata={"help": "Evaluate every N steps (None: every epoch)."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per input (longer inputs are truncated)."})
+    max_target_length: int = field(default=16, metadata={"help": "Target tokens for text-to-text tasks."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch (per process)."})
+    train_examples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    validation_examples: int | None = field(default=None, metadata={"help": "Evaluate on the first N validation."})
+    test_examples: int | None = field(default=None, metadata={"help": "Test on the first N test examples."})
+    precision: str = field(default="fp32", metadata={"help": "fp32, or bf16/fp16 autocast on GPU."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and dropout."})
+    checkpoint_every: int | None = field(
+        default=None, metadata={"help": "Save a resumable checkpoint every N steps (default: at each evaluation)."}
+    )
+    measure_memory: bool = field(
+        default=False,
+        metadata={"help": "After training, measure the tensor memory of one training step (leantune.memory)."},
+    )
+    fsdp: bool = field(default=False, metadata={"help": "Shard the model with FSDP under torchrun (GPU)."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and its bad value."""
+        for name in ("learning_rate", "batch_size", "grad_accumulation", "epochs", "max_length", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("max_steps", "eval_every", "checkpoint_every", "train_examples", "validation_examples",
+                     "test_examples", "warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "warmup_steps" else 1):
+                raise ValueError(f"TrainConfig.{name} must be a positive integer or None, got {value!r}")
+        if self.batch_size % self.grad_accumulation:
+            raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of grad_accumulation "
+                             f"({self.grad_accumulation})")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict; an unknown key raises ``TypeError`` naming it and listing the valid ones."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise TypeError(f"unknown training option(s) {', '.join(map(repr, unknown))}; "
+                            f"valid: {', '.join(cls.field_names())}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
