@@ -1,0 +1,308 @@
+"""Ladder side-tuning: paper parameter counts, side shapes, gates, freezing, memory kept for backward, layer
+dropping, Fisher-pruned initialisation, save/load, generation with the side cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as hf
+from tiny import main_output, make_inputs, make_model
+
+import leantune
+from leantune.errors import UnsupportedMethodError
+
+FAMILIES = ("t5", "bart", "bert", "vit")
+R = 4  # tiny models: d 32 -> 8, d_kv 8 -> 2, d_ff 64 -> 16
+
+
+def lst(family: str, seed: int = 0, data_seed: int = 0, **options) -> leantune.TunedModel:
+    options.setdefault("reduction_factor", R)
+    options.setdefault("init", "random")
+    data = None
+    if options["init"] == "fisher":
+        options.setdefault("fisher_samples", 6)
+        data = [make_inputs(family, batch=3, seed=data_seed + s) for s in range(2)]
+    return leantune.wrap(make_model(family, seed), leantune.make_config("lst", **options), data=data)
+
+
+def train_steps(tuned: leantune.TunedModel, family: str, steps: int = 3) -> None:
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    tuned.train()
+    for step in range(steps):
+        tuned(**make_inputs(family, seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("side_layers,expected", [([1, 2, 3, 5, 6, 7, 9, 10, 11], 3_878_712), (None, 5_097_240)])
+def test_paper_parameter_counts_t5_base(side_layers, expected) -> None:
+    config = hf.T5Config(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64, vocab_size=32128)
+    with torch.device("meta"):
+        model = hf.T5ForConditionalGeneration(config)
+    tuned = leantune.wrap(model, leantune.make_config("lst", init="random", side_layers=side_layers))
+    trainable, _ = tuned.trainable_parameter_count()
+    assert trainable == expected
+    assert all(n.startswith("method_modules.") for n, p in tuned.named_parameters() if p.requires_grad)
+    # the paper's denominator (t5-base counted with its 32,100-token tokenizer vocabulary)
+    assert round(100 * trainable / 222_882_048, 2) == {3_878_712: 1.74, 5_097_240: 2.29}[expected]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_side_shapes_and_gates(family: str) -> None:
+    tuned = lst(family)
+    for name, side in tuned.method_modules.stacks.items():
+        stack = tuned.backbone.stacks[name]
+        d, heads = stack.hidden_size, stack.num_heads
+        assert sorted(side.blocks) == sorted(side.downsamples) == [str(i) for i in range(len(stack.blocks))]
+        assert side.first_downsample.weight.shape == (d // R, d)
+        assert side.gates.shape == (len(stack.blocks),)
+        torch.testing.assert_close(side.gate_values(), torch.full((len(stack.blocks),), 0.5))
+        for block in side.blocks.values():
+            assert block.attention.heads == heads and block.attention.d_kv == d // heads // R
+            assert block.attention.query.weight.shape == (d // R, d // R)
+            assert block.ffn_input[0].weight.shape == (64 // R, d // R)
+            assert block.ffn_output.weight.shape == (d // R, 64 // R)
+            assert (block.cross_attention is not None) == (name == "decoder")
+    if tuned.backbone.arch.kind == "encoder-decoder":
+        assert tuned.method_modules.upsample.weight.shape == (32, 32 // R)
+    else:
+        assert tuned.method_modules.head.weight.shape == (3, 32 // R)
+        assert not any(p.requires_grad for _, head in tuned.backbone.task_heads() for p in head.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES + ("dinov2",))
+def test_backbone_gets_no_gradient_and_stays_bitwise_unchanged(family: str) -> None:
+    tuned = lst(family)
+    before = {n: p.detach().clone() for n, p in tuned.base_model.named_parameters()}
+    side_before = {n: p.detach().clone() for n, p in tuned.method_modules.named_parameters()}
+    train_steps(tuned, family)
+    for name, param in tuned.base_model.named_parameters():
+        assert not param.requires_grad and param.grad is None, name
+        assert torch.equal(param, before[name]), f"backbone {name} changed"
+    changed = [n for n, p in tuned.method_modules.named_parameters() if not torch.equal(p, side_before[n])]
+    assert any(".blocks." in n for n in changed) and any("downsample" in n for n in changed)
+
+
+def saved_bytes(tuned: leantune.TunedModel, inputs: dict) -> tuple[int, list[torch.Tensor]]:
+    """Bytes autograd keeps for backward during one forward (parameters excluded, shared storage counted once)."""
+    params = {p.data_ptr() for p in tuned.parameters()}
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tuned(**inputs).loss.backward()
+    return sum(t.untyped_storage().nbytes() for t in saved.values()), list(saved.values())
+
+
+def medium_t5() -> hf.T5ForConditionalGeneration:
+    torch.manual_seed(0)
+    return hf.T5ForConditionalGeneration(hf.T5Config(
+        vocab_size=96, d_model=256, d_ff=1024, num_layers=4, num_heads=4, d_kv=64, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1, dropout_rate=0.0))
+
+
+@pytest.mark.parametrize("backbone_dtype", ["float32", "bfloat16"])
+def test_saved_for_backward_is_ladders_plus_side_activations(backbone_dtype: str) -> None:
+    batch, source, target, r, layers = 4, 48, 6, 8, [1, 3]
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(2, 96, (batch, source), generator=g),
+              "labels": torch.randint(2, 96, (batch, target), generator=g)}
+    tuned = leantune.wrap(medium_t5(), leantune.make_config(
+        "lst", init="random", reduction_factor=r, side_layers=layers, backbone_dtype=backbone_dtype))
+    lst_bytes, tensors = saved_bytes(tuned.train(), inputs)
+    lora_bytes, _ = saved_bytes(leantune.wrap(medium_t5(), leantune.make_config("lora", r=8)).train(), inputs)
+
+    d, heads, d_ff, vocab = 256, 4, 1024, 96
+    width = 2 if backbone_dtype == "bfloat16" else 4
+    ladders = (len(layers) + 1) * batch * (source + target) * d * width
+    if backbone_dtype == "bfloat16":  # what autograd keeps in the backbone's dtype is exactly the ladders
+        kept_in_bf16 = [t for t in tensors if t.dtype == torch.bfloat16]
+        assert len(kept_in_bf16) == 2 * (len(layers) + 1)
+        assert sum(t.numel() * width for t in kept_in_bf16) == ladders
+    # side activations: a generous 24 side-width tensors per layer and sub-layer, the attention bias maps,
+    # the up-projection output and three logits-sized tensors (log-softmax, cross-entropy)
+    per_token = 24 * max(d_ff, d) // r * 4
+    side = 3 * len(layers) * batch * (source + target) * per_token
+    attention = 3 * len(layers) * batch * heads * (source + target) ** 2 * 4
+    head = batch * target * (d + 3 * vocab) * 4
+    assert lst_bytes <= ladders + side + attention + head
+    assert lst_bytes < lora_bytes / 3, (lst_bytes, lora_bytes)
+
+
+@pytest.mark.parametrize("family", ["t5", "bert"])
+def test_layer_dropping_removes_side_layers_and_ladders(family: str) -> None:
+    full, dropped = lst(family), lst(family, side_layers=[1])
+    removed = 0
+    for name, side in dropped.method_modules.stacks.items():
+        assert list(side.blocks) == ["1"] and list(side.downsamples) == ["1"]
+        assert side.gates.shape == (2,)  # one gate per backbone layer, as the paper counts
+        full_side = full.method_modules.stacks[name]
+        removed += sum(p.numel() for m in (full_side.blocks["0"], full_side.downsamples["0"]) for p in m.parameters())
+    assert full.trainable_parameter_count()[0] - dropped.trainable_parameter_count()[0] == removed
+    # the side network receives only the embedding ladder (-1) and the kept layer's ladder
+    received = []
+    for side in dropped.method_modules.stacks.values():
+        side.register_forward_pre_hook(lambda module, args: received.append(sorted(args[0])))
+    dropped(**make_inputs(family))
+    assert received and all(keys == [-1, 1] for keys in received)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "bert", "vit", "dinov2"])
+@pytest.mark.parametrize("variant", ["head_aligned", "rows"])
+def test_fisher_init_copies_selected_rows(family: str, variant: str) -> None:
+    tuned = lst(family, init="fisher", fisher_pruning=variant)
+    selections = tuned.method.pruning
+    for name, side in tuned.method_modules.stacks.items():
+        stack = tuned.backbone.stacks[name]
+        d_kv = stack.hidden_size // stack.num_heads
+        for i, block in enumerate(stack.blocks):
+            chosen, side_block = selections[name][i], side.blocks[str(i)]
+            prefixes = ["", "cross_"] if name == "decoder" else [""]
+            for prefix in prefixes:
+                attention = side_block.attention if not prefix else side_block.cross_attention
+                rows_q, _ = chosen[prefix + "query"]
+                assert torch.equal(rows_q, chosen[prefix + "key"][0])
+                assert torch.equal(rows_q, chosen[prefix + "value"][0])
+                per_head = torch.bincount(rows_q // d_kv, minlength=stack.num_heads)
+                if variant == "head_aligned":
+                    assert torch.all(per_head == d_kv // R)
+                for role, target in (("query", attention.query), ("value", attention.value),
+                                     ("attention_output", attention.output)):
+                    rows, columns = chosen[prefix + role]
+                    source = block.get(prefix + role)[1]
+                    torch.testing.assert_close(target.weight, source.weight[rows][:, columns], rtol=0, atol=0)
+                    if target.bias is not None:
+                        torch.testing.assert_close(target.bias, source.bias[rows], rtol=0, atol=0)
+            rows, columns = chosen["ffn_input"]
+            assert len(rows) == 64 // R and len(columns) == 32 // R
+            ffn_input = block.get("ffn_input")[1].weight
+            torch.testing.assert_close(side_block.ffn_input[0].weight, ffn_input[rows][:, columns], rtol=0, atol=0)
+            norm = block.get("ffn_norm")[1]
+            torch.testing.assert_close(side_block.ffn_norm.weight, norm.weight[chosen["ffn_norm"]], rtol=0, atol=0)
+            if i > 0:  # indices carried through: this block reads the dims the previous block's output kept
+                assert torch.equal(chosen["query"][1], selections[name][i - 1]["ffn_output"][0])
+        if stack.final_norm is not None:
+            final = stack.final_norm[1].weight[selections[f"{name}.final"]]
+            torch.testing.assert_close(side.final_norm.weight, final, rtol=0, atol=0)
+
+
+def test_fisher_rows_follow_importance() -> None:
+    """The kept feed-forward rows are the top rows by L1 norm of an independently computed empirical Fisher."""
+    family = "bert"
+    data = [make_inputs(family, batch=3, seed=s) for s in range(2)]
+    base = make_model(family)
+    weight = base.get_submodule(
+        leantune.wrap(copy.deepcopy(base), leantune.make_config("lst", init="random")).backbone.stacks["encoder"]
+        .blocks[1].get("ffn_output")[0]).weight
+    weight.requires_grad_(True)
+    fisher = torch.zeros_like(weight)
+    base.eval()
+    for batch in data:
+        for j in range(3):
+            loss = base(**{k: v[j:j + 1] for k, v in batch.items()}).loss
+            fisher += torch.autograd.grad(loss, weight)[0] ** 2
+    tuned = leantune.wrap(make_model(family), leantune.make_config(
+        "lst", init="fisher", reduction_factor=R, fisher_samples=6), data=data)
+    rows, columns = tuned.method.pruning["encoder"][1]["ffn_output"]
+    expected = fisher[:, columns].sum(1).topk(32 // R).indices.sort().values
+    assert torch.equal(rows, expected)
+
+
+def test_fisher_without_data_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"data=.*init='random'"):
+        leantune.wrap(make_model("t5"), leantune.make_config("lst"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_round_trip(family: str, tmp_path) -> None:
+    torch.manual_seed(3)
+    tuned = lst(family, init="fisher")
+    train_steps(tuned, family, steps=2)
+    tuned.save_pretrained(tmp_path)
+    restored = leantune.load(make_model(family), tmp_path)  # no data: the Fisher init is skipped on load
+    assert set(restored.delta_state_dict()) == set(tuned.delta_state_dict())
+    assert all(k.startswith("method_modules.") for k in restored.delta_state_dict())
+    inputs = make_inputs(family, seed=9)
+    tuned.eval(), restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(restored(**inputs)), main_output(tuned(**inputs)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_generate_same_tokens_with_and_without_side_cache(family: str) -> None:
+    torch.manual_seed(0)
+    tuned = lst(family, init="fisher")
+    train_steps(tuned, family, steps=2)
+    tuned.eval()
+    inputs = make_inputs(family, batch=3)
+    inputs.pop("labels")
+    greedy = tuned.generate(**inputs, max_new_tokens=6)
+    assert torch.equal(greedy, tuned.generate(**inputs, max_new_tokens=6, use_cache=False))
+    # teacher forcing on the generated prefix reproduces every greedy choice
+    with torch.no_grad():
+        logits = tuned(**inputs, decoder_input_ids=greedy[:, :-1]).logits
+    assert torch.equal(logits.argmax(-1)[:, :1], greedy[:, 1:2])
+    unfinished = ~torch.isin(greedy[:, 1:-1], torch.tensor([1, 2])).any(dim=1)
+    assert torch.equal(logits.argmax(-1)[unfinished], greedy[unfinished, 1:])
+    beams = tuned.generate(**inputs, max_new_tokens=6, num_beams=3)
+    assert torch.equal(beams, tuned.generate(**inputs, max_new_tokens=6, num_beams=3, use_cache=False))
+    assert beams.shape[0] == 3 and torch.all(beams[:, 0] == tuned.config.decoder_start_token_id)
+
+
+def test_side_position_bias_starts_as_backbone_block_0() -> None:
+    tuned = lst("t5")
+    positions = torch.arange(9)
+    for name, bidirectional in (("encoder", True), ("decoder", False)):
+        side = tuned.method_modules.stacks[name].position_bias
+        assert side.bidirectional is bidirectional
+        attention = tuned.backbone.stacks[name].blocks[0].get("attention")[1]
+        torch.testing.assert_close(side(positions, positions), attention.compute_bias(9, 9), rtol=0, atol=0)
+
+
+def test_backbone_train_mode_controls_backbone_dropout() -> None:
+    inputs = make_inputs("t5")
+
+    def two_forwards(train_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        tuned = lst("t5", side_dropout=0.0, backbone_train_mode=train_mode).train()
+        return tuned(**inputs).logits, tuned(**inputs).logits
+
+    first, second = two_forwards(False)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    first, second = two_forwards(True)
+    assert not torch.equal(first, second)
+
+
+def test_merge_and_unsupported_models_raise_clearly() -> None:
+    with pytest.raises(UnsupportedMethodError, match="side network"):
+        lst("bert").merge()
+    with pytest.raises(UnsupportedMethodError, match="decoder-only"):
+        lst("gpt2")
+    with pytest.raises(UnsupportedMethodError, match="hierarchical"):
+        lst("swin")
+    with pytest.raises(UnsupportedMethodError, match="encoder-decoder"):
+        lst("bert").generate(input_ids=torch.ones(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("options,field", [
+    ({"reduction_factor": 0}, "reduction_factor"), ({"side_layers": [1, 1]}, "side_layers"),
+    ({"init": "pruned"}, "init"), ({"backbone_dtype": "int8"}, "backbone_dtype"),
+    ({"gate_temperature": -1.0}, "gate_temperature"), ({"fisher_pruning": "heads"}, "fisher_pruning"),
+    ({"train_head": True}, "train_head"), ({"side_dropout": 1.0}, "side_dropout"),
+])
+def test_invalid_options_name_the_field(options: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"LSTConfig.{field}"):
+        leantune.make_config("lst", **options)
+
+
+def test_out_of_range_layers_and_indivisible_widths_name_the_option() -> None:
+    with pytest.raises(ValueError, match=r"side_layers.*\[5\]"):
+        lst("bert", side_layers=[0, 5])
+    with pytest.raises(ValueError, match="reduction_factor=3"):
+        lst("bert", reduction_factor=3)
