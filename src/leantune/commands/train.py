@@ -87,8 +87,8 @@ def spec_from_args(args: argparse.Namespace, method: str | None) -> RunSpec:
     spec.train = dict(spec.train)
     if args.model:
         spec.model = args.model
-    if method:
-        spec.method = method
+    if method and method != spec.method:
+        spec.method, spec.options = method, {}  # the file's options belong to the file's method
     if args.task:
         spec.task, spec.data = args.task, None
     if args.glue_dir:
