@@ -3,7 +3,8 @@
 Each rank trains the tiny BERT classifier on its half of every global batch:
 1. masked mode under DDP with the sparse communication hook;
 2. sparse mode under DDP (the hook sends the k values and the head whole);
-3. sparse mode without DDP, merging disjoint per-worker deltas every ``MERGE_EVERY`` steps by sum.
+3. masks that differ between the ranks, which the hook refuses;
+4. sparse mode without DDP, merging disjoint per-worker deltas every ``MERGE_EVERY`` steps by sum.
 Rank 0 writes the trained tensors and the bytes sent; every rank writes its merge states.
 """
 
@@ -18,9 +19,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fish_ddp_common import GLOBAL_BATCH, MERGE_EVERY, STEPS, global_batch, optimizer_for, wrapped  # noqa: E402
+from fish_ddp_common import (  # noqa: E402
+    GLOBAL_BATCH,
+    KEEP_RATIO,
+    MERGE_EVERY,
+    STEPS,
+    global_batch,
+    optimizer_for,
+    wrapped,
+)
+from tiny import make_model  # noqa: E402
 
-from leantune.methods.fish_distributed import PeriodicMerger, register_sparse_comm_hook  # noqa: E402
+import leantune  # noqa: E402
+from leantune.methods.fish_distributed import (  # noqa: E402
+    PeriodicMerger,
+    check_same_mask,
+    register_sparse_comm_hook,
+)
 
 
 def local_half(step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
@@ -60,6 +75,17 @@ def train_merged(mask_path: str, rank: int, world_size: int) -> dict:
             "owners": owners, "bytes_sent": merger.bytes_sent}
 
 
+def different_masks_refused(rank: int) -> str:
+    """Random masks seeded by rank differ between the ranks: the check the hook runs first must refuse them."""
+    config = leantune.make_config("fish", mode="masked", mask_type="random", seed=rank, keep_ratio=KEEP_RATIO)
+    tuned = leantune.wrap(make_model("bert"), config)
+    try:
+        check_same_mask(tuned.method)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mask", required=True)
@@ -70,6 +96,7 @@ def main() -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     results = {mode: train_ddp(mode, args.mask, rank, world_size) for mode in ("masked", "sparse")}
+    results["refused"] = different_masks_refused(rank)
     merge = train_merged(args.disjoint_mask, rank, world_size)
     torch.save(merge, os.path.join(args.out, f"merge_rank{rank}.pt"))
     if rank == 0:

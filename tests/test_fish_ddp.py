@@ -107,6 +107,10 @@ def test_periodic_merge_sums_disjoint_worker_deltas(run) -> None:
     assert first["bytes_sent"] == 4 * total
 
 
+def test_hook_refuses_masks_that_differ_between_ranks(run) -> None:
+    assert "ranks hold different masks" in run["ddp"]["refused"]
+
+
 def test_disjoint_mask_deals_entries_by_rank(run) -> None:
     tuned = wrapped("sparse", str(run["masks"]["disjoint"]), num_workers=2)
     owners = torch.cat([d.owner for d in tuned.method.deltas().values()])
