@@ -379,7 +379,8 @@ def plot_memory(result: dict[str, Any], path: Path) -> None:
     axes.bar([p + 0.2 for p, v in zip(positions, paper) if v is not None], [v for v in paper if v is not None],
              width=0.4, label="LST paper, Table 1", color="0.7")
     for p, value, name in zip(positions, ours, names):
-        axes.text(p - 0.2, value + 1, f"{result['methods'][name]['peak_gib']:.1f}G", ha="center", fontsize=7)
+        axes.text(p - 0.2, value + 1, f"{result['methods'][name]['peak_gib']:.1f} GiB", ha="center",
+                  fontsize=7)
     axes.set_xticks(list(positions), names, rotation=20)
     axes.set_ylabel("peak training memory, % of full")
     axes.set_title(f"{s['model']} (random), batch {s['batch_size']}, {s['source_length']}/{s['target_length']} "
