@@ -17,21 +17,40 @@ FAMILIES = ("t5", "bart", "bert", "vit")
 R = 4  # tiny models: d 32 -> 8, d_kv 8 -> 2, d_ff 64 -> 16
 
 
+def clip_classifier(seed: int = 0) -> hf.CLIPForImageClassification:
+    """CLIP's vision tower with an image-classification head (the tiny CLIPModel has no task head)."""
+    torch.manual_seed(seed)
+    return hf.CLIPForImageClassification(hf.CLIPConfig(
+        text_config=dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           image_size=28, patch_size=7),
+        num_labels=3))
+
+
+def model_of(family: str, seed: int = 0) -> torch.nn.Module:
+    return clip_classifier(seed) if family == "clip-vision" else make_model(family, seed)
+
+
+def inputs_of(family: str, **kwargs) -> dict:
+    return make_inputs("vit" if family == "clip-vision" else family, **kwargs)
+
+
 def lst(family: str, seed: int = 0, data_seed: int = 0, **options) -> leantune.TunedModel:
     options.setdefault("reduction_factor", R)
     options.setdefault("init", "random")
     data = None
     if options["init"] == "fisher":
         options.setdefault("fisher_samples", 6)
-        data = [make_inputs(family, batch=3, seed=data_seed + s) for s in range(2)]
-    return leantune.wrap(make_model(family, seed), leantune.make_config("lst", **options), data=data)
+        data = [inputs_of(family, batch=3, seed=data_seed + s) for s in range(2)]
+    return leantune.wrap(model_of(family, seed), leantune.make_config("lst", **options), data=data)
 
 
 def train_steps(tuned: leantune.TunedModel, family: str, steps: int = 3) -> None:
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
     tuned.train()
     for step in range(steps):
-        tuned(**make_inputs(family, seed=step)).loss.backward()
+        tuned(**inputs_of(family, seed=step)).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -72,7 +91,7 @@ def test_side_shapes_and_gates(family: str) -> None:
         assert not any(p.requires_grad for _, head in tuned.backbone.task_heads() for p in head.parameters())
 
 
-@pytest.mark.parametrize("family", FAMILIES + ("dinov2",))
+@pytest.mark.parametrize("family", FAMILIES + ("dinov2", "clip-vision"))
 def test_backbone_gets_no_gradient_and_stays_bitwise_unchanged(family: str) -> None:
     tuned = lst(family)
     before = {n: p.detach().clone() for n, p in tuned.base_model.named_parameters()}
@@ -154,8 +173,9 @@ def test_layer_dropping_removes_side_layers_and_ladders(family: str) -> None:
     assert received and all(keys == [-1, 1] for keys in received)
 
 
-@pytest.mark.parametrize("family", ["t5", "bart", "bert", "vit", "dinov2"])
-@pytest.mark.parametrize("variant", ["head_aligned", "rows"])
+@pytest.mark.parametrize("family,variant", [(f, "head_aligned") for f in ("t5", "bart", "bert", "vit", "dinov2",
+                                                                          "clip-vision")]
+                         + [("t5", "rows"), ("bert", "rows")])
 def test_fisher_init_copies_selected_rows(family: str, variant: str) -> None:
     tuned = lst(family, init="fisher", fisher_pruning=variant)
     selections = tuned.method.pruning

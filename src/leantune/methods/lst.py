@@ -644,6 +644,7 @@ class LadderSideTuning(TuningMethod):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int | None = None,
+        max_length: int | None = None,
         num_beams: int = 1,
         length_penalty: float = 1.0,
         early_stopping: bool = False,
@@ -667,8 +668,8 @@ class LadderSideTuning(TuningMethod):
                            model.config.decoder_start_token_id)
         eos = _first_set(eos_token_id, settings.eos_token_id, model.config.eos_token_id)
         pad = _first_set(pad_token_id, settings.pad_token_id, model.config.pad_token_id, 0)
-        if max_new_tokens is None:
-            max_new_tokens = (settings.max_length or 20) - 1
+        if max_new_tokens is None:  # max_length counts the start token, as in transformers
+            max_new_tokens = (max_length or settings.max_length or 20) - 1
         if start is None:
             raise ValueError("generate() needs decoder_start_token_id (not set in the model's config)")
         if num_beams < 1 or max_new_tokens < 1:
