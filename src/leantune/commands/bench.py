@@ -133,7 +133,7 @@ def _add_common_options(parser: argparse.ArgumentParser, model: str, batch: int,
                         help=f"T5 architecture, random weights (default: {model}).")
     parser.add_argument("--methods", default=methods, help=f"Comma-separated rows among {', '.join(VARIANTS)} "
                         f"(default: {methods}). Full fine-tuning is always run: it is the baseline.")
-    parser.add_argument("--batch-size", type=int, default=batch)
+    parser.add_argument("--batch-size", type=int, default=batch, help=f"Examples per step (default: {batch}).")
     parser.add_argument("--source-length", type=int, default=128, help="Encoder tokens per example.")
     parser.add_argument("--target-length", type=int, default=3, help="Decoder tokens per example.")
     parser.add_argument(
@@ -141,7 +141,7 @@ def _add_common_options(parser: argparse.ArgumentParser, model: str, batch: int,
         help="Attention kernel of the T5 model: eager keeps every softmax map for backward (as the paper's "
              "transformers 4.6 did); sdpa uses torch's fused attention. Default: eager.",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the random weights and inputs.")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON instead of a table.")
     parser.add_argument("--out", type=Path, default=None,
                         help="Also write <out>/<name>.json and <out>/<name>.png (a bar chart).")
