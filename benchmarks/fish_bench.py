@@ -24,8 +24,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -68,24 +66,6 @@ def state_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@contextmanager
-def leaf_only_grad_accumulate_hooks() -> Iterator[None]:
-    """fish's forward runs the model through ``torch.func.functional_call`` with ``weight + scatter(values)``,
-    so while it runs a module's ``parameters()`` lists those non-leaf tensors. ``leantune.memory``'s tracker
-    registers a post-accumulate-grad hook on each, which torch refuses for non-leaf tensors (no ``.grad`` ever
-    accumulates there). Until the tracker skips them, make that registration a no-op for non-leaf tensors."""
-    register = torch.Tensor.register_post_accumulate_grad_hook
-
-    def leaf_only(tensor: torch.Tensor, hook):
-        return register(tensor, hook) if tensor.is_leaf else None
-
-    torch.Tensor.register_post_accumulate_grad_hook = leaf_only
-    try:
-        yield
-    finally:
-        torch.Tensor.register_post_accumulate_grad_hook = register
-
-
 def measure_memory(name: str, method: str, batch: int, seq: int) -> dict:
     """One counted step (gradients and optimizer state), then the tracker's peak of a warm step."""
     tuned = wrap(name, method).train()
@@ -97,8 +77,7 @@ def measure_memory(name: str, method: str, batch: int, seq: int) -> dict:
     optimizer.step()
     optimizer_bytes = state_bytes(t for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
     optimizer.zero_grad(set_to_none=True)
-    with leaf_only_grad_accumulate_hooks():
-        peak = measure_peak_training_memory(training_step(tuned, optimizer, inputs), tuned, optimizer, warmup_steps=0)
+    peak = measure_peak_training_memory(training_step(tuned, optimizer, inputs), tuned, optimizer, warmup_steps=0)
     deltas = tuned.method.deltas().values() if method == "fish" else []
     return {
         "trainable_parameters": sum(p.numel() for p in params),

@@ -238,6 +238,8 @@ def test_bad_options_and_missing_data() -> None:
         leantune.make_config("fish", keep_ratio=1.5)
     with pytest.raises(ValueError, match="mode.*'dense'"):
         leantune.make_config("fish", mode="dense")
+    with pytest.raises(ValueError, match="num_workers=2.*bitfit"):
+        leantune.make_config("fish", mask_type="bitfit", num_workers=2)
     with pytest.raises(ValueError, match="needs data"):
         leantune.wrap(make_model("bert"), leantune.make_config("fish"))
     with pytest.raises(ValueError, match="keep_ratio=0.001.*task head"):

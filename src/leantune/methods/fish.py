@@ -9,7 +9,7 @@ Two training modes:
 ``sparse`` (default)
     each tensor with selected entries gets an index buffer (int32, int64 beyond 2**31 entries) and a trainable
     value vector of the same length, zero at init; the forward runs the base model with ``weight + scatter(values)``
-    through ``torch.func.functional_call``. Gradients and optimizer state have length k.
+    in place of each touched weight (:func:`weights_shadowed`). Gradients and optimizer state have length k.
 ``masked``
     the paper's reference: the selected tensors are trainable dense parameters whose gradients are multiplied by
     the mask (a gradient hook, so clipping and DDP see masked gradients). Unselected entries stay bitwise unchanged.
@@ -27,6 +27,7 @@ import logging
 import os
 import weakref
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.func import functional_call
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -88,6 +88,9 @@ class FishConfig(MethodConfig):
         check_choice(self, "fisher", ("empirical", "expected"))
         check_choice(self, "grad_type", ("square", "absolute"))
         check_choice(self, "mode", ("sparse", "masked"))
+        if self.num_workers > 1 and self.mask_type == "bitfit":
+            raise ValueError(f"FishConfig.num_workers={self.num_workers!r} deals top-k entries out to workers; "
+                             "mask_type 'bitfit' has no ranking (use fisher or random)")
         if not isinstance(self.num_workers, int) or not isinstance(self.num_samples, int):
             raise ValueError(f"FishConfig.num_workers and num_samples must be integers, got "
                              f"{self.num_workers!r}, {self.num_samples!r}")
@@ -395,15 +398,26 @@ def _restore_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
 
 
 # --- the method ---------------------------------------------------------------------------------------------------
-class _Generator(nn.Module):
-    """Lets ``functional_call`` run ``generate`` (it only calls ``forward``)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+@contextmanager
+def weights_shadowed(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, every module holding one of the named parameters (tied copies included) reads
+    ``weights[name]`` instead. The replacement is an instance attribute shadowing the registered parameter
+    (``nn.Module`` looks a parameter up in ``__getattr__``, which Python calls only when the instance has no such
+    attribute), so the parameters stay registered, frozen and leaf: ``parameters()``, ``state_dict()``, DDP and
+    memory trackers see the model unchanged, unlike ``torch.func.functional_call``, which registers the
+    replacements as (non-leaf) parameters."""
+    by_identity = {id(p): weights[n] for n, p in model.named_parameters() if n in weights}
+    shadowed = []
+    try:
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) in by_identity:
+                    module.__dict__[name] = by_identity[id(param)]
+                    shadowed.append((module, name))
+        yield
+    finally:
+        for module, name in shadowed:
+            module.__dict__.pop(name, None)
 
 
 @register
@@ -509,13 +523,14 @@ class Fish(TuningMethod):
     def forward(self, tuned: Any, *args: Any, **kwargs: Any) -> Any:
         if self.config.mode == "masked":
             return tuned.base_model(*args, **kwargs)
-        return functional_call(tuned.base_model, self.effective_weights(tuned.base_model), args, kwargs)
+        with weights_shadowed(tuned.base_model, self.effective_weights(tuned.base_model)):
+            return tuned.base_model(*args, **kwargs)
 
     def generate(self, tuned: Any, *args: Any, **kwargs: Any) -> Any:
         if self.config.mode == "masked":
             return tuned.base_model.generate(*args, **kwargs)
-        weights = {f"model.{n}": w for n, w in self.effective_weights(tuned.base_model).items()}
-        return functional_call(_Generator(tuned.base_model), weights, args, kwargs)
+        with weights_shadowed(tuned.base_model, self.effective_weights(tuned.base_model)):
+            return tuned.base_model.generate(*args, **kwargs)
 
     def merge(self, tuned: Any) -> nn.Module:
         """Sparse mode: add the values into the base weights (the same ``index_add`` the forward does, so the

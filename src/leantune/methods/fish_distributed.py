@@ -183,6 +183,9 @@ class PeriodicMerger:
                              f"FishConfig.num_workers={self.world_size}, got {method.config.num_workers}")
         params = dict(tuned.base_model.named_parameters())
         for name, delta in method.deltas().items():
+            if delta.owner is None:
+                raise ValueError(f"PeriodicMerger(disjoint=True): the mask of {name!r} has no owners; build it "
+                                 f"with FishConfig(num_workers={self.world_size})")
             owned = (delta.owner == rank).to(delta.values.dtype)
             self.hooks.append(delta.values.register_hook(lambda grad, owned=owned: grad * owned))
             positions = torch.nonzero(owned).flatten()
