@@ -78,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
                 continue
         rows.append({"method": method, **json.loads((run_dir / "results.json").read_text())})
     first = next(iter(specs.values()))
-    report = {"model": first.model, "task": first.data or first.task, "train": first.train, "rows": rows}
+    import torch
+
+    report = {"model": first.model, "task": first.data or first.task, "train": first.train,
+              "torch_threads": torch.get_num_threads(), "rows": rows}
     write_atomic_text(out / "compare.json", json.dumps(report, indent=2) + "\n")
     table = format_table(rows)
     write_atomic_text(out / "compare.txt", table + "\n")

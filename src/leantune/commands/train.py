@@ -15,7 +15,7 @@ import yaml
 
 from leantune.errors import LeantuneError
 from leantune.train.config import TrainConfig
-from leantune.train.run import DEFAULT_TRAIN_SETTINGS, RunSpec
+from leantune.train.run import DEFAULT_METHOD_OPTIONS, DEFAULT_TRAIN_SETTINGS, RunSpec
 
 DATA_FLAGS = ("data", "validation", "test", "text_column", "text_pair_column", "label_column")
 
@@ -105,6 +105,8 @@ def spec_from_args(args: argparse.Namespace, method: str | None) -> RunSpec:
     overrides = {f.name: getattr(args, f"train_{f.name}") for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f"train_{f.name}", None) is not None}
     spec.train = {**defaults, **spec.train, **overrides}
+    if builtin_default:
+        spec.options = {**DEFAULT_METHOD_OPTIONS.get(spec.method, {}), **spec.options}
     spec.train_config()  # fail now on a bad setting
     return spec
 

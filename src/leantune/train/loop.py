@@ -196,6 +196,9 @@ def train(
     if config.fsdp:
         if not context.distributed:
             raise ValueError("fsdp=True needs several processes; start the run with torchrun")
+        if run_dir is not None:
+            raise ValueError("fsdp=True keeps the best delta in memory and cannot write a run directory yet; "
+                             "pass no output_dir and save the returned model yourself")
         distributed.shard_model(model, [b.module for b in model.backbone.blocks()])
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=config.adam_betas, eps=config.adam_eps)
@@ -218,6 +221,9 @@ def train(
             scheduler.load_state_dict(state["scheduler"])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
+            if len(state["rng"]) != context.world_size:
+                raise CheckpointError(f"{last_checkpoint} was written by {len(state['rng'])} process(es); resume it "
+                                      f"with as many (now {context.world_size})")
             ckpt.set_rng_state(state["rng"][context.rank])
             global_step, best_metric, best_step = state["global_step"], state["best_metric"], state["best_step"]
             history = state["history"]
