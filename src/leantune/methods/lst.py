@@ -553,11 +553,16 @@ class LadderSideTuning(TuningMethod):
         attention_mask = inputs.get("attention_mask")
         with self._backbone_running(model, tuned.training), record_ladders(stack.blocks, self.kept[name]) as ladders:
             model.base_model(**inputs)
-        side = network.stacks[name](ladders, padding_keep(attention_mask))
-        logits = network.head(network.head_dropout(self._pool(side)))
+        logits = self.classify(network, ladders, attention_mask)
         loss = None if labels is None else classification_loss(model.config, logits, labels)
         output_class = SequenceClassifierOutput if self.backbone.arch.modality == "text" else ImageClassifierOutput
         return output_class(loss=loss, logits=logits)
+
+    def classify(self, network: LSTNetwork, ladders: dict[int, torch.Tensor],
+                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Side-head logits from recorded ladders (encoder models); the part of forward that gets gradients."""
+        side = network.stacks[self.stack_names[0]](ladders, padding_keep(attention_mask))
+        return network.head(network.head_dropout(self._pool(side)))
 
     def _pool(self, side: torch.Tensor) -> torch.Tensor:
         """The side output pooled as the family's classification head pools its hidden states."""
