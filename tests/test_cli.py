@@ -143,3 +143,18 @@ def test_eval_of_a_directory_that_is_not_a_run(tmp_path: Path, capsys) -> None:
 def test_resume_needs_an_existing_run(tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(capsys, "train", "--resume", "--output-dir", tmp_path / "none")
     assert code == 2 and "nothing to resume" in err
+
+
+def test_no_arguments_mean_the_embedded_default() -> None:
+    from leantune.cli import build_parser
+    from leantune.commands.train import spec_from_args
+    from leantune.train.run import DEFAULT_TRAIN_SETTINGS
+
+    args = build_parser().parse_args(["train"])
+    spec = spec_from_args(args, args.method)
+    assert (spec.model, spec.method, spec.task, spec.data) == ("all-MiniLM-L6-v2", "lst", "tweets", None)
+    assert spec.train == DEFAULT_TRAIN_SETTINGS and spec.options == {"fisher_samples": 256}
+    assert spec.train_config().learning_rate == 3e-3
+    args = build_parser().parse_args(["train", "--method", "lora", "--max-length", "32"])
+    spec = spec_from_args(args, args.method)
+    assert spec.options == {} and spec.train["max_length"] == 32 and spec.train_config().learning_rate == 1e-3
