@@ -91,6 +91,27 @@ def test_text_to_text_t5_trains_and_is_scored_by_generate() -> None:
     assert result.test_metric > 0.5  # greedy generate produces the label words
 
 
+def test_regression_head_trains_on_mse_and_is_scored_by_correlation() -> None:
+    rng = random.Random(0)
+
+    def examples(n: int) -> list[Example]:
+        out = []
+        for _ in range(n):
+            good = rng.randint(0, 3)
+            words = rng.sample(WORDS[0], good) + rng.sample(WORDS[1], 3 - good)
+            out.append(Example(" ".join(rng.sample(words, 3)), float(good)))
+        return out
+
+    task = Task("score", {"train": examples(64), "validation": examples(16), "test": examples(16)}, None,
+                metric="pearson_spearman")
+    tuned = leantune.wrap(make_tiny_bert(num_labels=1), leantune.make_config("full"))
+    tuned.config.problem_type = "regression"
+    result = leantune.train(tuned, task, tokenizer(), learning_rate=3e-3, epochs=8, **SETTINGS)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.metric == "pearson_spearman" and result.test_metric > 0.3
+
+
 def test_best_checkpoint_is_the_best_validation_epoch_and_test_is_scored_there(tmp_path: Path) -> None:
     # Validation labels are inverted, so validation accuracy falls as training succeeds: the best epoch is early.
     tuned = leantune.wrap(make_tiny_bert(), leantune.make_config("lora"))
