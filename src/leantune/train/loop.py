@@ -206,6 +206,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
 
     global_step, best_metric, best_step, history = 0, -math.inf, 0, []
+    loss_sum, loss_count = 0.0, 0  # training loss summed since the last evaluation
     best_in_memory: dict[str, torch.Tensor] | None = None
     last_checkpoint: Path | None = None
     if run_dir is not None:
@@ -226,7 +227,7 @@ def train(
                                       f"with as many (now {context.world_size})")
             ckpt.set_rng_state(state["rng"][context.rank])
             global_step, best_metric, best_step = state["global_step"], state["best_metric"], state["best_step"]
-            history = state["history"]
+            history, (loss_sum, loss_count) = state["history"], state["loss_since_evaluation"]
 
     def save_resumable() -> Path | None:
         if run_dir is None:
@@ -238,6 +239,7 @@ def train(
                 "global_step": global_step, "epoch": global_step // steps_per_epoch,
                 "position_in_epoch": global_step % steps_per_epoch, "data_order_seed": config.seed,
                 "best_metric": best_metric, "best_step": best_step, "history": history,
+                "loss_since_evaluation": (loss_sum, loss_count),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_states, "config": config.to_dict(),
@@ -251,7 +253,7 @@ def train(
     trainable = distributed.trainable_parameters(model)
     progress = tqdm(total=total_steps, initial=global_step, desc=f"{model.method.name} on {task.name}",
                     unit="step", disable=not (config.progress and context.is_main), dynamic_ncols=True)
-    train_seconds, loss_sum, loss_count = 0.0, 0.0, 0
+    train_seconds = 0.0
     order_epoch, order = -1, []
     while global_step < total_steps:
         step_start = time.perf_counter()
