@@ -34,7 +34,7 @@ from leantune.methods.base import AttachContext, TuningMethod
 from leantune.registry import register
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRUNING_VARIANTS = ("head_aligned", "rows")
+PRUNING_VARIANTS = ("rows", "head_aligned")
 
 
 @dataclass
@@ -59,9 +59,9 @@ class LSTConfig(MethodConfig):
     fisher_samples: int = option(1024, "Task examples (batch size 1) whose squared loss gradients form the "
                                        "empirical Fisher for init='fisher'.")
     fisher_pruning: str = option(
-        "head_aligned", "How query/key/value rows are kept: head_aligned = the d_kv/r most important rows of each "
-                        "head, so side head h comes from backbone head h; rows = the paper's code (any inner/r "
-                        "rows, regrouped into heads in index order).")
+        "rows", "How query/key/value rows are kept: rows = the paper's code (any inner/r rows, regrouped into heads "
+                "in index order); head_aligned = the d_kv/r most important rows of each head, so side head h comes "
+                "from backbone head h (measured equal to rows, see docs/lst.md).")
     gate_temperature: float = option(0.1, "T in mu_i = sigmoid(alpha_i / T).")
     gate_init: float = option(0.0, "Initial alpha_i of every gate (0.0 gives mu = 0.5).")
     side_dropout: float = option(0.1, "Dropout inside the side network (attention weights, sub-layer outputs).")
