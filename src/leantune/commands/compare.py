@@ -136,6 +136,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     axes.set_ylabel(f"test {rows[0]['metric']} (x100)")
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
+    axes.margins(x=0.2, y=0.1)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
