@@ -23,7 +23,7 @@ $(VENV)/.dev: $(VENV)/.base
 	touch $@
 
 demo: $(VENV)/.base
-	HF_HUB_OFFLINE=1 $(VENV)/bin/leantune demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/leantune train
 
 test: $(VENV)/.dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -1,10 +1,11 @@
-"""`leantune compare` on the embedded default (all-MiniLM-L6-v2, tweet sentiment) for full, bitfit, lora, adapter
-and lst; copies the printed table, the JSON and the plot to benchmarks/results/compare_default.{txt,json,png}.
+"""`leantune compare` on the embedded default (all-MiniLM-L6-v2, tweet sentiment) for full, bitfit, lora, adapter,
+lst and fish; copies the printed table, the JSON and the plot to benchmarks/results/compare_default.{txt,json,png}.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compare_default.py [--work-dir runs/compare-default] [extra flags]
 
 The budget is the embedded default's: 2 epochs over 3,200 training tweets (200 steps of batch 32), 64 tokens,
-500 validation and 1,000 test tweets, LST initialised from the Fisher of 256 examples. Extra flags are passed to
+500 validation and 1,000 test tweets; LST is initialised, and the FISH mask chosen, from the Fisher of
+256 examples. Extra flags are passed to
 `leantune compare`. Re-running with the same --work-dir skips finished methods and resumes a stopped one.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from leantune.cli import main
 
-METHODS = "full,bitfit,lora,adapter,lst"
+METHODS = "full,bitfit,lora,adapter,lst,fish"
 
 
 def run() -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from leantune.commands.train import add_run_arguments, parse_assignments, spec_from_args
 from leantune.errors import LeantuneError
 
-DEFAULT_METHODS = "full,bitfit,lora,adapter,lst"
+DEFAULT_METHODS = "full,bitfit,lora,adapter,lst,fish"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -29,7 +29,9 @@ class PromptConfig(MethodConfig):
 
     num_tokens: int = option(20, "Number of soft prompt tokens.")
     init: str = option("vocab", "vocab = copy the embeddings of random vocabulary tokens; random = N(0, 0.02).")
-    reparameterize: bool = option(False, "Produce the prompt as MLP(table), Linear-Tanh-Linear (VL-Adapter's prompt baseline).")
+    reparameterize: bool = option(
+        False, "Produce the prompt as MLP(table), Linear-Tanh-Linear (VL-Adapter's prompt baseline)."
+    )
     reparameterize_hidden: int = option(800, "Hidden width of the reparameterisation MLP (VL-Adapter: 800).")
 
     def validate(self) -> None:

@@ -38,9 +38,9 @@ DEFAULT_LEARNING_RATES = {
 }
 FALLBACK_LEARNING_RATE = 3e-4
 
-# LST's Fisher-guided init runs one backward pass per example (batch size 1) through the whole backbone; the
-# embedded default takes 256 examples (the paper: 1024) to stay within its time budget.
-DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"lst": {"fisher_samples": 256}}
+# LST's Fisher-guided init and FISH's mask run one backward pass per example (batch size 1) through the whole
+# backbone; the embedded default takes 256 examples (the papers: 1024) to stay within its time budget.
+DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"lst": {"fisher_samples": 256}, "fish": {"num_samples": 256}}
 # The embedded default: 200 steps (2 epochs over 3,200 tweets), batch 32, 64 tokens, evaluated on 500
 # validation tweets per epoch and tested on 1,000. LST (Fisher init + training + evaluation) took 13 min on 2
 # CPU cores shared with 4-5 other jobs (torch threads 1); it should take a few minutes on an idle machine.
