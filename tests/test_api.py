@@ -137,7 +137,7 @@ def test_custom_map_is_used() -> None:
     toy = Toy()
     tuned = leantune.wrap(toy, leantune.make_config("adapter", reduction_factor=4, zero_init_up=False),
                           architecture=TOY_MAP)
-    assert sum(1 for n, _ in tuned.named_modules() if n.endswith(".adapter")) == 4
+    assert sum(1 for n, _ in tuned.named_modules() if n.endswith(".branches.adapter")) == 4
     out = tuned(torch.tensor([[1, 2, 3]]))
     assert out.shape == (1, 3, 8)
 
@@ -240,7 +240,7 @@ def test_load_rejects_delta_with_wrong_keys(saved) -> None:
     save_file(tensors, path)
     record_path = saved / "leantune_config.json"
     record = json.loads(record_path.read_text())
-    from leantune.api import _sha256_file
+    from leantune.files import sha256_file as _sha256_file
 
     record["delta_sha256"] = _sha256_file(path)
     record_path.write_text(json.dumps(record))

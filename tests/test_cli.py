@@ -72,7 +72,7 @@ def test_inspect_shows_insertion_points_and_delta_table(model_dir: Path, capsys)
                            "reduction_factor=8")
     assert code == 0
     assert "family bert" in out
-    assert "base_model.bert.encoder.layer.1.output.dense.adapter: BottleneckAdapter" in out
+    assert "base_model.bert.encoder.layer.1.output.dense.branches: ModuleDict" in out
     assert "adapter.down.weight" in out and "trainable%" in out
 
 

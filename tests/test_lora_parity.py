@@ -11,9 +11,9 @@ import leantune
 
 
 def peft_to_leantune_name(name: str) -> str:
-    """``base_model.model.X.lora_A.default.weight`` -> ``base_model.X.lora.A.weight``."""
+    """``base_model.model.X.lora_A.default.weight`` -> ``base_model.X.branches.lora.A.weight``."""
     name = name.replace("base_model.model.", "base_model.", 1)
-    return name.replace(".lora_A.default.", ".lora.A.").replace(".lora_B.default.", ".lora.B.")
+    return name.replace(".lora_A.default.", ".branches.lora.A.").replace(".lora_B.default.", ".branches.lora.B.")
 
 
 @pytest.mark.parametrize("family,targets", [("t5", ["q", "v"]), ("bert", ["query", "value"])])

@@ -190,9 +190,9 @@ def test_layernorm_trains_only_norms() -> None:
 def test_adapter_placement_and_width() -> None:
     houlsby = wrapped("adapter", "bert", reduction_factor=4)
     pfeiffer = wrapped("adapter", "bert", reduction_factor=4, placement="pfeiffer")
-    count = lambda t: sum(1 for n, _ in t.named_modules() if n.endswith(".adapter"))  # noqa: E731
+    count = lambda t: sum(1 for n, _ in t.named_modules() if n.endswith(".branches.adapter"))  # noqa: E731
     assert count(houlsby) == 2 * 2 and count(pfeiffer) == 2
-    down = houlsby.base_model.bert.encoder.layer[0].output.dense.adapter.down
+    down = houlsby.base_model.bert.encoder.layer[0].output.dense.branches.adapter.down
     assert down.out_features == 32 // 4
     trained_norms = wrapped("adapter", "bert", train_norms=True)
     assert trained_norms.base_model.bert.encoder.layer[0].output.LayerNorm.weight.requires_grad

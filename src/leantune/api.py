@@ -17,7 +17,9 @@ from torch import nn
 from leantune import __version__
 from leantune.backbones import ArchitectureMap, Backbone, resolve
 from leantune.config import MethodConfig
-from leantune.errors import CheckpointError, UnsupportedMethodError
+from leantune.context import call_inputs
+from leantune.errors import CheckpointError, ConfigError, UnsupportedMethodError
+from leantune.files import sha256_file, write_atomic
 from leantune.methods.base import AttachContext, TuningMethod, resolve_module_names
 from leantune.registry import get_method, methods
 
@@ -84,11 +86,24 @@ class TunedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_not_merged()
-        return self.method.forward(self, *args, **kwargs)
+        with call_inputs(self._take_call_inputs(kwargs)):
+            return self.method.forward(self, *args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         self._check_not_merged()
-        return self.method.generate(self, *args, **kwargs)
+        with call_inputs(self._take_call_inputs(kwargs)):
+            return self.method.generate(self, *args, **kwargs)
+
+    def _take_call_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Remove the method's per-call inputs from ``kwargs``; a required one that is missing is an error."""
+        values = {}
+        for declared in self.method.declared_inputs():
+            if declared.name in kwargs:
+                values[declared.name] = kwargs.pop(declared.name)
+            elif declared.required:
+                raise ConfigError(f"method {self.method.name!r} needs {declared.name!r} in every forward and "
+                                  f"generate call ({declared.help})")
+        return values
 
     def _check_not_merged(self) -> None:
         if self._merged:
@@ -123,16 +138,16 @@ class TunedModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in self.delta_state_dict().items()}
         delta_path = directory / DELTA_NAME
-        _atomic_write(delta_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        write_atomic(delta_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         record = {
             "method": self.method.name,
             "options": self.method.config.to_dict(),
             "leantune_version": __version__,
             "base_model": self.base_fingerprint,
-            "delta_sha256": _sha256_file(delta_path),
+            "delta_sha256": sha256_file(delta_path),
             "delta_tensors": len(tensors),
         }
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+        write_atomic(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
     def merge(self) -> nn.Module:
         """Fold the delta into the base weights and return the plain Hugging Face model (exact methods only)."""
@@ -169,6 +184,9 @@ def _wrap(
     for p in model.parameters():
         p.requires_grad_(False)
     method = get_method(config.method)(config)
+    reason = method.unsupported_reason(backbone)
+    if reason is not None:
+        raise UnsupportedMethodError(f"method {config.method!r} cannot be applied to {type(model).__name__}: {reason}")
     method_modules = method.attach(model, backbone, context)
     heads = [m for _, m in backbone.task_heads()] if config.train_head else []
     for module in heads + [model.get_submodule(n) for n in to_save]:
@@ -244,30 +262,9 @@ def _check_fingerprint(saved: dict[str, Any], actual: dict[str, Any], directory:
 def _read_delta(path: Path, sha256: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
-    if _sha256_file(path) != sha256:
+    if sha256_file(path) != sha256:
         raise CheckpointError(f"{path} is corrupt or truncated: its checksum differs from the one saved with it")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} cannot be read as safetensors ({err})") from None
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

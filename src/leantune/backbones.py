@@ -34,6 +34,11 @@ from torch import nn
 from leantune.errors import UnsupportedModelError
 
 REQUIRED_ROLES = ("attention", "attention_output", "ffn_output")
+# Every role that names a linear projection (query/key/value, fused qkv, outputs, feed-forward, cross-attention).
+PROJECTION_ROLES = (
+    "query", "key", "value", "qkv", "attention_output", "ffn_input", "ffn_output",
+    "cross_query", "cross_key", "cross_value", "cross_attention_output",
+)
 
 # Heads that transformers creates fresh for a downstream task (a new classifier): trained and saved by default.
 TASK_HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")

@@ -11,16 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from leantune.backbones import Backbone, linear_in_out
+from leantune.backbones import PROJECTION_ROLES, Backbone, linear_in_out
 from leantune.config import MethodConfig, option
 from leantune.errors import UnsupportedMethodError
 from leantune.methods.base import AttachContext, TuningMethod
 from leantune.registry import register
-
-PROJECTION_ROLES = (
-    "query", "key", "value", "qkv", "attention_output", "ffn_input", "ffn_output",
-    "cross_query", "cross_key", "cross_value", "cross_attention_output",
-)
 
 
 @dataclass
@@ -38,6 +33,8 @@ class BitFitConfig(MethodConfig):
 class BitFit(TuningMethod):
     name = "bitfit"
     config_class = BitFitConfig
+    mergeable = True
+    default_learning_rate = 1e-3
 
     def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:
         if self.config.add_missing_biases:

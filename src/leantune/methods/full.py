@@ -23,6 +23,8 @@ class FullConfig(MethodConfig):
 class Full(TuningMethod):
     name = "full"
     config_class = FullConfig
+    mergeable = True
+    default_learning_rate = 5e-5
 
     def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:
         model.requires_grad_(True)

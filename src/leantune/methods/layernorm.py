@@ -26,6 +26,8 @@ class LayerNormConfig(MethodConfig):
 class LayerNormTuning(TuningMethod):
     name = "layernorm"
     config_class = LayerNormConfig
+    mergeable = True
+    default_learning_rate = 1e-3
 
     def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:
         norms = backbone.norm_modules()

@@ -1,9 +1,10 @@
 """Prompt tuning (Lester et al. 2021): n trainable soft tokens prepended to the input embeddings.
 
 Encoder-decoder models get the prompt in front of the encoder input, encoder-only and decoder-only models in
-front of their only input; the attention mask (and ``token_type_ids``, and for decoder-only models the
-``labels``) are extended to match. With ``reparameterize`` the prompt is ``Linear -> Tanh -> Linear`` applied to
-the table at every forward, as in VL-Adapter's prompt baseline.
+front of their only input (:func:`leantune.layers.prefix.insert_tokens`); the attention mask (and
+``token_type_ids``, and for decoder-only models the ``labels``) are extended to match. With ``reparameterize``
+the prompt is ``Linear -> Tanh -> Linear`` applied to the table at every forward, as in VL-Adapter's prompt
+baseline.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from leantune.backbones import Backbone
 from leantune.config import MethodConfig, check_choice, check_positive, option
-from leantune.errors import UnsupportedMethodError
+from leantune.layers.prefix import insert_tokens
 from leantune.methods.base import AttachContext, TuningMethod
 from leantune.registry import register
 
@@ -35,7 +36,6 @@ class PromptConfig(MethodConfig):
     reparameterize_hidden: int = option(800, "Hidden width of the reparameterisation MLP (VL-Adapter: 800).")
 
     def validate(self) -> None:
-        super().validate()
         check_positive(self, "num_tokens", "reparameterize_hidden")
         check_choice(self, "init", ("vocab", "random"))
 
@@ -67,39 +67,24 @@ class PromptTuning(TuningMethod):
     name = "prompt"
     config_class = PromptConfig
     merge_unsupported_reason = "a soft prompt adds input tokens; it has no weights to fold into"
+    default_learning_rate = 3e-2
+
+    def unsupported_reason(self, backbone: Backbone) -> str | None:
+        if backbone.arch.modality != "text":
+            return f"prompt tuning prepends token embeddings; a {backbone.arch.modality} model has no token input"
+        return None
 
     def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> nn.Module:
-        if backbone.arch.modality != "text":
-            raise UnsupportedMethodError(
-                f"prompt tuning prepends token embeddings; family {backbone.family!r} ({backbone.arch.modality}) "
-                "has no single token input"
-            )
-        self.kind = backbone.arch.kind
+        self.decoder_only = backbone.arch.kind == "decoder"
         return SoftPrompt(self.config, backbone.input_embeddings())
 
-    def _prompted_inputs(self, tuned, kwargs: dict[str, Any], labels_too: bool) -> dict[str, Any]:
-        input_ids = kwargs.pop("input_ids", None)
-        embeds = kwargs.pop("inputs_embeds", None)
-        if embeds is None:
-            if input_ids is None:
-                raise ValueError("prompt tuning needs input_ids or inputs_embeds")
-            embeds = tuned.base_model.get_input_embeddings()(input_ids)
-        batch, n = embeds.shape[0], self.config.num_tokens
-        kwargs["inputs_embeds"] = torch.cat([tuned.method_modules(batch).to(embeds.dtype), embeds], dim=1)
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
-        if kwargs.get("token_type_ids") is not None:
-            types = kwargs["token_type_ids"]
-            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
-        if labels_too and self.kind == "decoder" and kwargs.get("labels") is not None:
-            labels = kwargs["labels"]
-            kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
-        return kwargs
+    def _prompted(self, tuned, kwargs: dict[str, Any], labels_too: bool) -> dict[str, Any]:
+        batch = next(v for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds")).shape[0]
+        return insert_tokens(kwargs, tuned.method_modules(batch), tuned.base_model.get_input_embeddings(),
+                             extend_labels=labels_too and self.decoder_only)
 
     def forward(self, tuned, **kwargs: Any) -> Any:
-        return tuned.base_model(**self._prompted_inputs(tuned, kwargs, labels_too=True))
+        return tuned.base_model(**self._prompted(tuned, kwargs, labels_too=True))
 
     def generate(self, tuned, **kwargs: Any) -> Any:
-        return tuned.base_model.generate(**self._prompted_inputs(tuned, kwargs, labels_too=False))
+        return tuned.base_model.generate(**self._prompted(tuned, kwargs, labels_too=False))
