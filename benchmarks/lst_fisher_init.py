@@ -25,8 +25,8 @@ import torch
 import transformers as hf
 
 import leantune
-from leantune.methods import lst_pruning
-from leantune.methods.lst import record_ladders
+from leantune.fisher import fisher_scores
+from leantune.methods.lst import pruning, record_ladders
 from leantune.tasks.builtin import load_tweet_sentiment
 
 INITS = ("head_aligned", "rows", "random")
@@ -99,11 +99,10 @@ def fisher_once():
     """The empirical Fisher of this seed's model, computed on the first call and reused by both pruning variants
     (both variants differ only in the row selection that reads it)."""
     cache: dict[str, dict] = {}
-    compute = lst_pruning.empirical_fisher
 
-    def cached(model, params, data, n):
+    def cached(model, params, data, n, *statistics):
         if "fisher" not in cache:
-            cache["fisher"] = compute(model, params, data, n)
+            cache["fisher"] = fisher_scores(model, params, data, n, *statistics)
         return cache["fisher"]
 
     return cached
@@ -152,7 +151,7 @@ def main() -> None:
         random.Random(seed).shuffle(fisher_order)
         fisher_data = [encode(tokenizer, fisher_order[i:i + 32], args.max_length)
                        for i in range(0, args.fisher_samples, 32)]
-        lst_pruning.empirical_fisher = fisher_once()
+        pruning.fisher_scores = fisher_once()
         results += [run(init, seed, args, model, fisher_data, train_cache, validation_cache) for init in args.inits]
     summary = {}
     for init in args.inits:

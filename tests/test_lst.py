@@ -9,9 +9,12 @@ import pytest
 import torch
 import transformers as hf
 from tiny import main_output, make_inputs, make_model
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 import leantune
-from leantune.errors import UnsupportedMethodError
+from leantune.errors import ConfigError, UnsupportedMethodError
+from leantune.methods.lst import LadderSideTuning
+from leantune.methods.lst.generation import cache_argument
 
 FAMILIES = ("t5", "bart", "bert", "vit")
 R = 4  # tiny models: d 32 -> 8, d_kv 8 -> 2, d_ff 64 -> 16
@@ -80,6 +83,7 @@ def test_side_shapes_and_gates(family: str) -> None:
         torch.testing.assert_close(side.gate_values(), torch.full((len(stack.blocks),), 0.5))
         for block in side.blocks.values():
             assert block.attention.heads == heads and block.attention.d_kv == d // heads // R
+            assert block.attention.scale == (1.0 if family == "t5" else None)  # T5's attention is unscaled
             assert block.attention.query.weight.shape == (d // R, d // R)
             assert block.ffn_input[0].weight.shape == (64 // R, d // R)
             assert block.ffn_output.weight.shape == (d // R, 64 // R)
@@ -236,7 +240,7 @@ def test_fisher_rows_follow_importance() -> None:
 
 
 def test_fisher_without_data_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"data=.*init='random'"):
+    with pytest.raises(ConfigError, match=r"data=.*init='random'"):
         leantune.wrap(make_model("t5"), leantune.make_config("lst"))
 
 
@@ -284,6 +288,9 @@ def test_side_position_bias_starts_as_backbone_block_0() -> None:
         assert side.bidirectional is bidirectional
         attention = tuned.backbone.stacks[name].blocks[0].get("attention")[1]
         torch.testing.assert_close(side(positions, positions), attention.compute_bias(9, 9), rtol=0, atol=0)
+        # a decoding step: query 8 against the 9 keys so far, the last row of the full bias
+        torch.testing.assert_close(side(positions[8:], positions), attention.compute_bias(9, 9)[:, :, 8:],
+                                   rtol=0, atol=0)
 
 
 def test_backbone_train_mode_controls_backbone_dropout() -> None:
@@ -317,12 +324,82 @@ def test_merge_and_unsupported_models_raise_clearly() -> None:
     ({"train_head": True}, "train_head"), ({"side_dropout": 1.0}, "side_dropout"),
 ])
 def test_invalid_options_name_the_field(options: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=f"LSTConfig.{field}"):
+    with pytest.raises(ConfigError, match=f"LSTConfig.{field}"):
         leantune.make_config("lst", **options)
 
 
 def test_out_of_range_layers_and_indivisible_widths_name_the_option() -> None:
-    with pytest.raises(ValueError, match=r"side_layers.*\[5\]"):
+    with pytest.raises(ConfigError, match=r"side_layers.*\[5\]"):
         lst("bert", side_layers=[0, 5])
-    with pytest.raises(ValueError, match="reduction_factor=3"):
+    with pytest.raises(ConfigError, match="reduction_factor=3"):
         lst("bert", reduction_factor=3)
+
+
+def test_method_facts() -> None:
+    assert leantune.get_method("lst") is LadderSideTuning
+    assert LadderSideTuning.default_learning_rate == 3e-3
+    assert LadderSideTuning.budget_options == {"fisher_samples": 256}
+    assert not LadderSideTuning.mergeable
+    assert LadderSideTuning(leantune.make_config("lst")).needs_data()
+    assert not LadderSideTuning(leantune.make_config("lst", init="random")).needs_data()
+    method = LadderSideTuning(leantune.make_config("lst", init="random"))
+    for family in FAMILIES + ("dinov2",):
+        assert method.unsupported_reason(lst(family).backbone) is None, family
+    gpt2 = leantune.wrap(make_model("gpt2"), leantune.make_config("lora")).backbone
+    swin = leantune.wrap(make_model("swin"), leantune.make_config("lora")).backbone
+    assert "decoder-only" in method.unsupported_reason(gpt2)
+    assert "hierarchical (2 stages" in method.unsupported_reason(swin)
+
+
+@pytest.mark.parametrize("num_labels,problem_type,labels", [
+    (1, None, torch.tensor([0.5, -1.0])),                       # regression
+    (3, None, torch.tensor([2, 0])),                            # single label
+    (3, "multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+])
+def test_side_head_loss_is_transformers_classification_loss(num_labels, problem_type, labels) -> None:
+    torch.manual_seed(0)
+    model = hf.BertForSequenceClassification(hf.BertConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=num_labels, problem_type=problem_type))
+    tuned = leantune.wrap(model, leantune.make_config("lst", init="random", reduction_factor=R)).eval()
+    inputs = make_inputs("bert")
+    output = tuned(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels)
+    logits = output.logits
+    expected = {
+        1: lambda: torch.nn.functional.mse_loss(logits.view(-1), labels),
+        3: lambda: (torch.nn.functional.cross_entropy(logits, labels) if problem_type is None
+                    else torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)),
+    }[num_labels]()
+    torch.testing.assert_close(output.loss, expected)
+
+
+def test_generate_uses_transformers_strategies_and_leaves_nothing_behind() -> None:
+    torch.manual_seed(0)
+    tuned = lst("t5")
+    train_steps(tuned, "t5", steps=2)
+    tuned.train()
+    model = tuned.base_model
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    inputs = make_inputs("t5", batch=2)
+    inputs.pop("labels")
+
+    def sample() -> torch.Tensor:
+        torch.manual_seed(11)
+        return tuned.generate(**inputs, do_sample=True, top_k=4, max_new_tokens=5, min_new_tokens=5)
+
+    sampled = sample()
+    assert torch.equal(sampled, sample()) and sampled.shape == (2, 6)
+    several = tuned.generate(**inputs, max_new_tokens=5, num_beams=3, num_return_sequences=2)
+    assert several.shape[0] == 4
+    # the side network, not the backbone's LM head, chose the tokens: greedy follows the side logits
+    greedy = tuned.generate(**inputs, max_new_tokens=1)
+    tuned.eval()
+    with torch.no_grad():
+        first = tuned(**inputs, decoder_input_ids=greedy[:, :1]).logits.argmax(-1)
+    assert torch.equal(first[:, 0], greedy[:, 1])
+    tuned.train()
+    assert model.training and tuned.method_modules.training  # modes restored
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    given = {cache_argument(model): EncoderDecoderCache(DynamicCache(), DynamicCache())}
+    with pytest.raises(UnsupportedMethodError, match="cache of its own"):
+        tuned.generate(**inputs, max_new_tokens=2, **given)

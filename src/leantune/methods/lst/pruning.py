@@ -1,7 +1,7 @@
 """Fisher-guided structured pruning of the backbone, used to initialise LST's side blocks (paper section 3.2).
 
 1. Empirical Fisher: ``F[w] = sum over examples of (d loss / d w) ** 2`` from the task loss of the plain backbone,
-   ``fisher_samples`` examples at batch size 1, eval mode.
+   ``fisher_samples`` examples at batch size 1, eval mode (:func:`leantune.fisher.fisher_scores`).
 2. Row selection, walking each stack in order and carrying ``P``, the residual dimensions selected last: the
    embeddings give the first ``P`` (their Fisher summed over everything but the hidden dimension); in each block
    query/key/value keep the same rows (scored jointly by the L1 norm of ``F_q * F_k * F_v`` over the input
@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from leantune.backbones import Backbone, Block, Stack, linear_weight_as_out_in
+from leantune.backbones import PROJECTION_ROLES, Backbone, Block, Stack, linear_weight_as_out_in
+from leantune.fisher import fisher_scores
 
 if TYPE_CHECKING:
-    from leantune.methods.lst import LadderSideTuning, LSTNetwork, SideBlock
-
-PROJECTION_ROLES = ("query", "key", "value", "attention_output", "ffn_input", "ffn_output", "cross_query",
-                    "cross_key", "cross_value", "cross_attention_output")
+    from leantune.methods.lst.method import LadderSideTuning
+    from leantune.methods.lst.network import LSTNetwork, SideBlock
 # Per block: role -> (kept rows, kept input columns) for projections, role -> kept channels for norms/scales.
 Selection = dict[str, Any]
 
@@ -40,7 +39,7 @@ def fisher_initialise(model: nn.Module, backbone: Backbone, method: LadderSideTu
     """Compute the Fisher, select rows, copy them into ``network``; return the selections (for inspection)."""
     config = method.config
     params = _fisher_parameters(model, backbone, method.stack_names)
-    fisher = empirical_fisher(model, params, data, config.fisher_samples)
+    fisher = fisher_scores(model, params, data, config.fisher_samples, "empirical", "square")
     r, variant = config.reduction_factor, config.fisher_pruning
     first = backbone.stacks[method.stack_names[0]]
     carried = _embedding_dims(first, fisher, r)
@@ -61,7 +60,10 @@ def fisher_initialise(model: nn.Module, backbone: Backbone, method: LadderSideTu
 
 
 def _fisher_parameters(model: nn.Module, backbone: Backbone, stack_names: list[str]) -> dict[str, nn.Parameter]:
-    """The weights whose Fisher the selection reads: every block projection and the first stack's embeddings."""
+    """The weights whose Fisher the selection reads: every block projection and the first stack's embeddings.
+
+    Roles a block does not have (a fused ``qkv``, cross-attention in an encoder) are skipped by ``Block.find``.
+    """
     params: dict[str, nn.Parameter] = {}
     for name in stack_names:
         for block in backbone.stacks[name].blocks:
@@ -72,41 +74,6 @@ def _fisher_parameters(model: nn.Module, backbone: Backbone, stack_names: list[s
     for sub, param in embeddings.named_parameters():
         params[f"{path}.{sub}"] = param
     return params
-
-
-def empirical_fisher(model: nn.Module, params: dict[str, nn.Parameter],
-                     data: Iterable[dict[str, torch.Tensor]], samples: int) -> dict[str, torch.Tensor]:
-    """Sum of squared loss gradients over ``samples`` single examples drawn in order from ``data``."""
-    sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
-    names, tensors = list(params), list(params.values())
-    was_training = model.training
-    model.eval()
-    for p in tensors:
-        p.requires_grad_(True)
-    seen = 0
-    try:
-        for batch in data:
-            rows = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
-            for j in range(rows):
-                example = {k: v[j:j + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                loss = model(**example).loss
-                if loss is None:
-                    raise ValueError("LSTConfig.init='fisher': the data batches need labels (the model returned "
-                                     "no loss)")
-                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-                for name, grad in zip(names, grads):
-                    if grad is not None:
-                        sums[name] += grad.float() ** 2
-                seen += 1
-                if seen == samples:
-                    return sums
-    finally:
-        for p in tensors:
-            p.requires_grad_(False)
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("LSTConfig.init='fisher': `data` yielded no examples")
-    return sums
 
 
 def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:

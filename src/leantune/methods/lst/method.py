@@ -1,0 +1,300 @@
+"""The registered ``lst`` method: checks, building the side network, and the forward passes through it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
+from transformers.modeling_outputs import ImageClassifierOutput, Seq2SeqLMOutput, SequenceClassifierOutput
+
+from leantune.backbones import Backbone, Stack, linear_in_out
+from leantune.errors import ConfigError, UnsupportedMethodError
+from leantune.methods.base import AttachContext, TuningMethod
+from leantune.methods.lst import generation
+from leantune.methods.lst.config import DTYPES, LSTConfig
+from leantune.methods.lst.network import (
+    LSTNetwork,
+    NormSpec,
+    RelativePositionBias,
+    SideShape,
+    SideStack,
+    padding_keep,
+    record_ladders,
+    self_attention_mask,
+)
+from leantune.methods.lst.pruning import fisher_initialise
+from leantune.registry import register
+
+if TYPE_CHECKING:
+    from leantune.api import TunedModel
+
+# How the side output is pooled for the side head, by ArchitectureMap.pooling.
+POOLING = {
+    "first": lambda side: side[:, 0],
+    "patch_mean": lambda side: side[:, 1:].mean(dim=1),
+    "first+patch_mean": lambda side: torch.cat([side[:, 0], side[:, 1:].mean(dim=1)], dim=-1),
+    "mean": lambda side: side.mean(dim=1),
+}
+
+# Roles of a backbone block that its side block copies the layout of.
+MIRRORED_ROLES = ("query", "key", "value", "attention_output", "ffn_input", "ffn_output", "attention_norm",
+                  "ffn_norm", "activation")
+CROSS_ATTENTION_ROLES = ("cross_query", "cross_key", "cross_value", "cross_attention_output", "cross_attention_norm")
+
+
+def side_stack_names(backbone: Backbone) -> list[str]:
+    """The backbone stacks that get a side stack: encoder and decoder, or the one stack of an encoder."""
+    return ["encoder", "decoder"] if backbone.arch.kind == "encoder-decoder" else [next(iter(backbone.stacks))]
+
+
+@register
+class LadderSideTuning(TuningMethod):
+    name = "lst"
+    config_class = LSTConfig
+    default_learning_rate = 3e-3
+    budget_options = {"fisher_samples": 256}
+    merge_unsupported_reason = (
+        "LST predicts through a separate side network that runs beside the backbone; there are no backbone "
+        "weights to fold it into"
+    )
+
+    # --- facts ---------------------------------------------------------------------------------------------------
+
+    def needs_data(self) -> bool:
+        return self.config.init == "fisher"
+
+    def unsupported_reason(self, backbone: Backbone) -> str | None:
+        arch, model = backbone.arch, backbone.model
+        if arch.kind == "decoder":
+            return f"lst supports encoder and encoder-decoder models; family {backbone.family!r} is decoder-only"
+        stages = max(len(stack.stages) for stack in backbone.stacks.values())
+        if stages > 1:
+            return (f"lst needs one hidden width and token count across a stack; family {backbone.family!r} is "
+                    f"hierarchical ({stages} stages with downsampling between them)")
+        if arch.kind == "encoder-decoder" and backbone.lm_head() is None:
+            return f"lst on {type(model).__name__} needs its lm_head (use a *ForConditionalGeneration model)"
+        if arch.kind == "encoder":
+            if not backbone.task_heads() or not hasattr(model.config, "num_labels"):
+                return (f"lst on an encoder predicts with a side classification head; {type(model).__name__} has "
+                        "no task head: use a *ForSequenceClassification or *ForImageClassification model")
+            if arch.pooling not in POOLING:
+                return f"lst cannot pool the side output as family {backbone.family!r} pools ({arch.pooling!r})"
+        return self._unmirrored_block(backbone)
+
+    @staticmethod
+    def _unmirrored_block(backbone: Backbone) -> str | None:
+        """Why a side block cannot mirror the backbone's blocks (a role or the head count unknown), or ``None``."""
+        for name in side_stack_names(backbone):
+            stack = backbone.stacks[name]
+            roles = MIRRORED_ROLES + (CROSS_ATTENTION_ROLES if name == "decoder" else ())
+            missing = [role for role in roles if not stack.blocks[0].find(role)]
+            if missing:
+                return (f"lst builds side blocks like the backbone's; the {name} blocks of {backbone.family!r} have "
+                        f"no {', '.join(missing)} in the architecture map")
+            if stack.num_heads is None:
+                return f"lst keeps the backbone's head count, which {backbone.family!r} does not state"
+        return None
+
+    # --- attaching -----------------------------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> LSTNetwork:
+        self.backbone = backbone
+        self.stack_names = side_stack_names(backbone)
+        self.kept = {name: self._kept_layers(backbone.stacks[name]) for name in self.stack_names}
+        for name in self.stack_names:
+            self._check_divisible(backbone.stacks[name])
+        if self.needs_data() and not context.loading and context.data is None:
+            raise ConfigError("LSTConfig.init='fisher' initialises the side network from task data: pass "
+                              "data=<batches with labels> to leantune.wrap, or use init='random'")
+        with torch.device(next(model.parameters()).device):
+            network = self._build(model, backbone)
+        if self.needs_data() and not context.loading:
+            self.pruning = fisher_initialise(model, backbone, self, network, context.data)
+        model.to(DTYPES[self.config.backbone_dtype])
+        return network
+
+    def _kept_layers(self, stack: Stack) -> list[int]:
+        count = len(stack.blocks)
+        if self.config.side_layers is None:
+            return list(range(count))
+        out_of_range = [i for i in self.config.side_layers if i >= count]
+        if out_of_range:
+            raise ConfigError(f"LSTConfig.side_layers: {out_of_range} out of range for the {stack.name} stack of "
+                              f"{count} layers (valid: 0..{count - 1})")
+        return sorted(self.config.side_layers)
+
+    def _check_divisible(self, stack: Stack) -> None:
+        r = self.config.reduction_factor
+        block = stack.blocks[0]
+        sizes = {
+            "hidden size": stack.hidden_size,
+            "per-head width": linear_in_out(block.get("query")[1])[1] // stack.num_heads,
+            "feed-forward width": linear_in_out(block.get("ffn_output")[1])[0],
+        }
+        for what, size in sizes.items():
+            if size % r:
+                raise ConfigError(f"LSTConfig.reduction_factor={r} does not divide the {stack.name} {what} {size}")
+
+    def side_shape(self, stack: Stack) -> SideShape:
+        """The side block shape for ``stack``: every backbone width divided by r, the head count kept."""
+        r = self.config.reduction_factor
+        block = stack.blocks[0]
+        query, ffn_out = block.get("query")[1], block.get("ffn_output")[1]
+        cross = block.find("cross_attention_norm")
+        unscaled_attention = self.backbone.arch.attention_scale == "none"
+        return SideShape(
+            d_model=stack.hidden_size // r,
+            heads=stack.num_heads,
+            d_kv=linear_in_out(query)[1] // stack.num_heads // r,
+            d_ff=linear_in_out(ffn_out)[0] // r,
+            ffn_inputs=len(block.find("ffn_input")),
+            attention_bias=query.bias is not None,
+            ffn_bias=ffn_out.bias is not None,
+            attention_norm=NormSpec.of(block.get("attention_norm")[1]),
+            ffn_norm=NormSpec.of(block.get("ffn_norm")[1]),
+            cross_attention_norm=NormSpec.of(cross[0][1]) if cross else None,
+            pre_norm=self.backbone.arch.norm_position == "pre",
+            score_scale=1.0 if unscaled_attention else None,
+            layer_scale=bool(block.find("attention_scale")),
+            dropout=self.config.side_dropout,
+        )
+
+    def _side_stack(self, model: nn.Module, stack: Stack) -> SideStack:
+        shape = self.side_shape(stack)
+        position_bias = None
+        found = stack.blocks[0].find("relative_position_bias")
+        if found:
+            table = found[0][1]
+            position_bias = RelativePositionBias(table.num_embeddings, model.config.relative_attention_max_distance,
+                                                 shape.heads, bidirectional=stack.name != "decoder")
+            with torch.no_grad():
+                position_bias.table.weight.copy_(table.weight)
+        return SideStack(
+            stack.hidden_size, len(stack.blocks), self.kept[stack.name], shape, stack.blocks[0].get("activation")[1],
+            cross=stack.name == "decoder", final_norm=NormSpec.of(stack.final_norm[1]) if stack.final_norm else None,
+            position_bias=position_bias, gate_init=self.config.gate_init,
+            gate_temperature=self.config.gate_temperature)
+
+    def _build(self, model: nn.Module, backbone: Backbone) -> LSTNetwork:
+        stacks = {name: self._side_stack(model, backbone.stacks[name]) for name in self.stack_names}
+        upsample = head = None
+        last = backbone.stacks[self.stack_names[-1]]
+        side_width = last.hidden_size // self.config.reduction_factor
+        if backbone.arch.kind == "encoder-decoder":
+            upsample = nn.Linear(side_width, last.hidden_size)
+        else:
+            pooled = 2 * side_width if backbone.arch.pooling == "first+patch_mean" else side_width
+            head = nn.Linear(pooled, model.config.num_labels)
+        network = LSTNetwork(stacks, upsample, head, self.config.side_dropout)
+        for module in network.modules():  # the paper's init of every plain linear: N(0, 0.01), zero bias
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.01)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        return network
+
+    # --- running ---------------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def backbone_running(self, model: nn.Module, training: bool) -> Iterator[None]:
+        """No autograd through the backbone; its train/eval mode as configured."""
+        wanted = training and self.config.backbone_train_mode
+        previous = model.training
+        if previous != wanted:
+            model.train(wanted)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            if previous != wanted:
+                model.train(previous)
+
+    def forward(self, tuned: TunedModel, **inputs: Any) -> Any:
+        if self.backbone.arch.kind == "encoder-decoder":
+            return self._seq2seq_forward(tuned, **inputs)
+        return self._encoder_forward(tuned, **inputs)
+
+    def _encoder_forward(self, tuned: TunedModel, labels: torch.Tensor | None = None, **inputs: Any) -> Any:
+        model, network = tuned.base_model, tuned.method_modules
+        name = self.stack_names[0]
+        with self.backbone_running(model, tuned.training), \
+                record_ladders(self.backbone.stacks[name].blocks, self.kept[name]) as ladders:
+            model.base_model(**inputs)
+        logits = self.classify(network, ladders, inputs.get("attention_mask"))
+        # transformers' own classification loss: regression, single- or multi-label from config.problem_type
+        loss = None if labels is None else ForSequenceClassificationLoss(labels, logits, model.config)
+        output_class = SequenceClassifierOutput if self.backbone.arch.modality == "text" else ImageClassifierOutput
+        return output_class(loss=loss, logits=logits)
+
+    def classify(self, network: LSTNetwork, ladders: dict[int, torch.Tensor],
+                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Side-head logits from recorded ladders (encoder models); the part of forward that gets gradients."""
+        side = network.stacks[self.stack_names[0]](ladders, padding_keep(attention_mask))
+        pooled = POOLING[self.backbone.arch.pooling](side)
+        return network.head(network.head_dropout(pooled))
+
+    def _seq2seq_forward(
+        self,
+        tuned: TunedModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Seq2SeqLMOutput:
+        model, network = tuned.base_model, tuned.method_modules
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ConfigError("lst forward on an encoder-decoder model needs labels or decoder_input_ids")
+            decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        encoder_blocks, decoder_blocks = (self.backbone.stacks[n].blocks for n in ("encoder", "decoder"))
+        with self.backbone_running(model, tuned.training):
+            with record_ladders(encoder_blocks, self.kept["encoder"]) as encoder_ladders:
+                encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+            with record_ladders(decoder_blocks, self.kept["decoder"]) as decoder_ladders:
+                model.get_decoder()(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                                    encoder_hidden_states=encoded, encoder_attention_mask=attention_mask,
+                                    use_cache=False)
+        side_encoded = self.side_encode(network, encoder_ladders, attention_mask)
+        side_decoder = network.stacks["decoder"]
+        mask = self_attention_mask(decoder_attention_mask, decoder_input_ids.shape[1], True,
+                                   side_decoder.position_bias, input_ids.device)
+        side = side_decoder(decoder_ladders, mask, side_encoded, padding_keep(attention_mask))
+        logits = self.lm_logits(model, network, side)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return Seq2SeqLMOutput(loss=loss, logits=logits)
+
+    def side_encode(self, network: LSTNetwork, ladders: dict[int, torch.Tensor],
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+        """The side encoder's output from the backbone encoder's ladders."""
+        side_encoder = network.stacks["encoder"]
+        mask = self_attention_mask(attention_mask, attention_mask.shape[1], False, side_encoder.position_bias,
+                                   attention_mask.device)
+        return side_encoder(ladders, mask)
+
+    def lm_logits(self, model: nn.Module, network: LSTNetwork, side: torch.Tensor) -> torch.Tensor:
+        """The frozen LM head on ``Up(side)``, rescaled as the family rescales; float32 logits."""
+        hidden = network.upsample(side)
+        if self.backbone.arch.rescales_tied_lm_head_input and getattr(model.config, "tie_word_embeddings", False):
+            hidden = hidden * hidden.shape[-1] ** -0.5
+        _, head = self.backbone.lm_head()
+        logits = head(hidden.to(head.weight.dtype)).float()
+        if self.backbone.arch.lm_logits_bias is not None:
+            logits = logits + model.get_buffer(self.backbone.arch.lm_logits_bias).float()
+        return logits
+
+    def generate(self, tuned: TunedModel, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate`` of the base model, predicting with the side network (see ``generation``)."""
+        if self.backbone.arch.kind != "encoder-decoder":
+            raise UnsupportedMethodError(f"generate() needs an encoder-decoder model; {self.backbone.family!r} "
+                                         "is an encoder with a classification head")
+        return generation.generate(self, tuned, *args, **kwargs)
