@@ -106,7 +106,7 @@ def comm_worker(out: str, batch: int, seq: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.weak import WeakIdKeyDictionary
 
-    from leantune.methods.fish_distributed import SparseCommState, register_sparse_comm_hook, sparse_allreduce_hook
+    from leantune.methods.fish import SparseCommState, register_sparse_comm_hook, sparse_allreduce_hook
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)

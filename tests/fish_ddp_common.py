@@ -24,4 +24,12 @@ def wrapped(mode: str, mask_path: str, **options) -> leantune.TunedModel:
 
 
 def optimizer_for(tuned: leantune.TunedModel) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    """AdamW over the method's parameter groups (fish decays its selected entries in ``before_optimizer_step``)."""
+    return torch.optim.AdamW(tuned.method.parameter_groups(tuned, weight_decay=0.01), lr=1e-2)
+
+
+def optimizer_step(tuned: leantune.TunedModel, optimizer: torch.optim.Optimizer) -> None:
+    """The method's work before the step, the step, and clearing the gradients."""
+    tuned.method.before_optimizer_step(optimizer)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -1,9 +1,9 @@
 """Worker of tests/test_fish_ddp.py, launched with ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
 Each rank trains the tiny BERT classifier on its half of every global batch:
-1. masked mode under DDP with the sparse communication hook;
+1. masked mode under DDP with the method's communication hook (``tuned.method.ddp_comm_hook``, as the trainer);
 2. sparse mode under DDP (the hook sends the k values and the head whole);
-3. masks that differ between the ranks, which the hook refuses;
+3. masks that differ between the ranks, which the hook's check refuses;
 4. sparse mode without DDP, merging disjoint per-worker deltas every ``MERGE_EVERY`` steps by sum.
 Rank 0 writes the trained tensors and the bytes sent; every rank writes its merge states.
 """
@@ -26,16 +26,14 @@ from fish_ddp_common import (  # noqa: E402
     STEPS,
     global_batch,
     optimizer_for,
+    optimizer_step,
     wrapped,
 )
 from tiny import make_model  # noqa: E402
 
 import leantune  # noqa: E402
-from leantune.methods.fish_distributed import (  # noqa: E402
-    PeriodicMerger,
-    check_same_mask,
-    register_sparse_comm_hook,
-)
+from leantune.errors import ConfigError  # noqa: E402
+from leantune.methods.fish import PeriodicMerger  # noqa: E402
 
 
 def local_half(step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
@@ -46,13 +44,13 @@ def local_half(step: int, rank: int, world_size: int) -> dict[str, torch.Tensor]
 def train_ddp(mode: str, mask_path: str, rank: int, world_size: int) -> dict:
     tuned = wrapped(mode, mask_path)
     ddp = DistributedDataParallel(tuned)
-    state = register_sparse_comm_hook(ddp, tuned)
+    state, hook = tuned.method.ddp_comm_hook(tuned)
+    ddp.register_comm_hook(state, hook)
     optimizer = optimizer_for(tuned)
     for step in range(STEPS):
         ddp(**local_half(step, rank, world_size)).loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in tuned.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(tuned, optimizer)
     return {"weights": {n: t.detach().clone() for n, t in tuned.delta_state_dict().items()},
             "bytes_per_step": state.bytes_per_step, "dense_bytes_per_step": state.dense_bytes_per_step}
 
@@ -65,8 +63,7 @@ def train_merged(mask_path: str, rank: int, world_size: int) -> dict:
     merged = []
     for step in range(MERGE_EVERY):
         tuned(**local_half(step, rank, world_size)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(tuned, optimizer)
         before = [p.detach().clone() for p in merger.tensors]
         merged.append(merger.step())
     owners = {n: d.owner for n, d in tuned.method.deltas().items()}
@@ -76,12 +73,12 @@ def train_merged(mask_path: str, rank: int, world_size: int) -> dict:
 
 
 def different_masks_refused(rank: int) -> str:
-    """Random masks seeded by rank differ between the ranks: the check the hook runs first must refuse them."""
+    """Random masks seeded by rank differ between the ranks: the method's comm hook must refuse them."""
     config = leantune.make_config("fish", mode="masked", mask_type="random", seed=rank, keep_ratio=KEEP_RATIO)
     tuned = leantune.wrap(make_model("bert"), config)
     try:
-        check_same_mask(tuned.method)
-    except ValueError as err:
+        tuned.method.ddp_comm_hook(tuned)
+    except ConfigError as err:
         return str(err)
     return ""
 

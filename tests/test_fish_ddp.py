@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fish_ddp_common import KEEP_RATIO, MERGE_EVERY, STEPS, global_batch, optimizer_for, wrapped
+from fish_ddp_common import KEEP_RATIO, MERGE_EVERY, STEPS, global_batch, optimizer_for, optimizer_step, wrapped
 from tiny import make_inputs, make_model
 
 import leantune
@@ -53,8 +53,7 @@ def single_process(mode: str, mask_path: Path) -> dict[str, torch.Tensor]:
     for step in range(STEPS):
         tuned(**global_batch(step)).loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in tuned.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(tuned, optimizer)
     return tuned.delta_state_dict()
 
 

@@ -1,13 +1,13 @@
 """Distributed training with FISH masks: a sparse DDP communication hook and the paper's periodic merging.
 
 Launch with ``torchrun`` (gloo on CPU, NCCL on GPU); every rank must hold the same mask, so build it once and pass
-``FishConfig(mask_path=...)`` to every rank (:func:`register_sparse_comm_hook` checks this).
+``FishConfig(mask_path=...)`` to every rank (:meth:`Fish.ddp_comm_hook` checks this).
 
-* :func:`register_sparse_comm_hook` -- DDP all-reduces only the selected entries of each gradient bucket. In
-  ``masked`` mode the buckets hold dense (masked) gradients and the hook sends their k selected entries; in
-  ``sparse`` mode the trainable tensors already are the k values (plus the head), so the hook sends whole buckets,
-  exactly as DDP's default all-reduce, and only counts bytes. Indices never travel per step: the mask is fixed
-  and identical on every rank.
+* :func:`sparse_allreduce_hook` with a :class:`SparseCommState`, from ``tuned.method.ddp_comm_hook(tuned)``: DDP
+  all-reduces only the selected entries of each gradient bucket. In ``masked`` mode the buckets hold dense (masked)
+  gradients and the hook sends their k selected entries; in ``sparse`` mode the trainable tensors already are the
+  k values (plus the head), so the hook sends whole buckets, exactly as DDP's default all-reduce, and only counts
+  bytes. Indices never travel per step: the mask is fixed and identical on every rank.
 * :class:`PeriodicMerger` -- workers train locally (no DDP); every ``every`` steps their deltas since the last
   merge are summed or averaged over the workers. Masks are shared, or disjoint per worker (built with
   ``FishConfig(num_workers=world_size)``: the top ``world_size x k`` entries dealt out by rank in score order).
@@ -16,32 +16,29 @@ Launch with ``torchrun`` (gloo on CPU, NCCL on GPU); every rank must hold the sa
 # No ``from __future__ import annotations``: DDP checks the hook's annotations as real objects.
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from leantune.methods.fish import Fish, _SelectedDecay, set_decay_rule
+from leantune.errors import ConfigError, UnsupportedMethodError
+from leantune.methods.fish.mask import FishMask
+
+if TYPE_CHECKING:
+    from leantune.methods.fish.method import Fish
 
 logger = logging.getLogger("leantune.fish")
-
-
-def fish_method(tuned: Any) -> Fish:
-    """The :class:`Fish` method of a tuned model; ``ValueError`` for any other method."""
-    method = getattr(tuned, "method", None)
-    if not isinstance(method, Fish):
-        raise ValueError(f"expected a model wrapped with method 'fish', got {type(method).__name__}")
-    return method
 
 
 @dataclass
 class SparseCommState:
     """State of :func:`sparse_allreduce_hook`: which entries of which parameter to send, and the bytes sent.
 
-    ``bytes_per_step[i]`` is what this rank handed to all-reduce in step i (payload bytes, the same measure for
-    dense DDP's ``dense_bytes_per_step``); parameters absent from ``selections`` are sent whole.
+    ``selections`` maps a parameter (by identity) to the flat positions to send; parameters absent from it are
+    sent whole. ``bytes_per_step[i]`` is what this rank handed to all-reduce in step i (payload bytes), and
+    ``dense_bytes_per_step[i]`` what DDP's default all-reduce would have handed over (the whole buckets).
     """
 
     selections: WeakIdKeyDictionary
@@ -75,6 +72,7 @@ class SparseCommState:
         return positions
 
     def record(self, sent: int, dense: int, last_bucket: bool) -> None:
+        """Add one bucket's bytes; the last bucket of a step closes the step's counts."""
         self._step_bytes += sent
         self._step_dense_bytes += dense
         if last_bucket:
@@ -109,28 +107,8 @@ def sparse_allreduce_hook(state: SparseCommState, bucket: dist.GradBucket) -> to
     return future.then(write_back)
 
 
-def register_sparse_comm_hook(
-    ddp_model: nn.parallel.DistributedDataParallel, tuned: Any, process_group: Any = None, log_every: int = 0
-) -> SparseCommState:
-    """Install :func:`sparse_allreduce_hook` on ``ddp_model`` (which wraps the fish-``tuned`` model).
-
-    Checks first that every rank holds the same mask. ``log_every`` > 0 logs the bytes sent every that many steps.
-    """
-    method = fish_method(tuned)
-    check_same_mask(method, process_group)
-    selections = WeakIdKeyDictionary()
-    if method.config.mode == "masked":
-        params = dict(tuned.base_model.named_parameters())
-        for name, delta in method.deltas().items():
-            selections[params[name]] = delta.indices.long()
-    state = SparseCommState(selections, process_group, log_every)
-    ddp_model.register_comm_hook(state, sparse_allreduce_hook)
-    return state
-
-
-def check_same_mask(method: Fish, process_group: Any = None) -> None:
-    """Raise ``ValueError`` unless every rank selected the same entries (compared by count and two checksums)."""
-    mask = method.mask()
+def check_same_mask(mask: FishMask, process_group: Any = None) -> None:
+    """Raise ``ConfigError`` unless every rank selected the same entries (count and two checksums compared)."""
     count, first, second = 0, 0, 0
     for number, (name, idx) in enumerate(sorted(mask.indices.items()), start=1):
         count += idx.numel()
@@ -143,8 +121,31 @@ def check_same_mask(method: Fish, process_group: Any = None) -> None:
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=process_group)
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=process_group)
     if not torch.equal(high, low):
-        raise ValueError("fish: the ranks hold different masks (Fisher scores from different data?); build the "
-                         "mask once, save it with save_mask(), and pass FishConfig(mask_path=...) on every rank")
+        raise ConfigError("fish: the ranks hold different masks (Fisher scores from different data?); build the "
+                          "mask once, save it with save_mask(), and pass FishConfig(mask_path=...) on every rank")
+
+
+def fish_method(tuned: Any) -> "Fish":
+    """The :class:`Fish` method of a tuned model; ``UnsupportedMethodError`` for any other method."""
+    from leantune.methods.fish.method import Fish  # method.py imports this module
+
+    method = getattr(tuned, "method", None)
+    if not isinstance(method, Fish):
+        raise UnsupportedMethodError(f"expected a model wrapped with method 'fish', got {type(method).__name__}")
+    return method
+
+
+def register_sparse_comm_hook(
+    ddp_model: nn.parallel.DistributedDataParallel, tuned: Any, process_group: Any = None, log_every: int = 0
+) -> SparseCommState:
+    """Install the fish hook on ``ddp_model`` (which wraps ``tuned``) and return its state.
+
+    The same as ``ddp_model.register_comm_hook(*tuned.method.ddp_comm_hook(tuned))`` with a process group and
+    ``log_every`` (> 0: log the bytes sent every that many steps).
+    """
+    state, hook = fish_method(tuned).ddp_comm_hook(tuned, process_group, log_every)
+    ddp_model.register_comm_hook(state, hook)
+    return state
 
 
 class PeriodicMerger:
@@ -154,7 +155,8 @@ class PeriodicMerger:
 
     With ``disjoint=True`` the mask must have been built with ``FishConfig(num_workers=world_size)``; each worker
     then trains only the entries it owns (gradients and weight decay of the others are zero), so summing gives
-    every worker's update exactly.
+    every worker's update exactly. The decay restriction is a rule on the model's :class:`Fish` method, applied by
+    ``before_optimizer_step``.
     """
 
     def __init__(
@@ -162,12 +164,11 @@ class PeriodicMerger:
     ) -> None:
         method = fish_method(tuned)
         if method.config.mode != "sparse":
-            raise ValueError("PeriodicMerger needs FishConfig.mode='sparse', got "
-                             f"{method.config.mode!r}")
+            raise ConfigError(f"PeriodicMerger needs FishConfig.mode='sparse', got {method.config.mode!r}")
         if not isinstance(every, int) or every < 1:
-            raise ValueError(f"PeriodicMerger.every must be a positive integer, got {every!r}")
+            raise ConfigError(f"PeriodicMerger.every must be a positive integer, got {every!r}")
         if reduce not in ("sum", "mean"):
-            raise ValueError(f"PeriodicMerger.reduce must be 'sum' or 'mean', got {reduce!r}")
+            raise ConfigError(f"PeriodicMerger.reduce must be 'sum' or 'mean', got {reduce!r}")
         self.every, self.reduce, self.process_group = every, reduce, process_group
         self.world_size = dist.get_world_size(process_group)
         self.tensors = [p for p in tuned.parameters() if p.requires_grad]
@@ -175,21 +176,19 @@ class PeriodicMerger:
         self.steps = self.merges = self.bytes_sent = 0
         self.hooks = []
         if disjoint:
-            self._own_entries_only(tuned, method, dist.get_rank(process_group))
+            self._own_entries_only(method, dist.get_rank(process_group))
 
-    def _own_entries_only(self, tuned: Any, method: Fish, rank: int) -> None:
+    def _own_entries_only(self, method: "Fish", rank: int) -> None:
         if method.config.num_workers != self.world_size:
-            raise ValueError(f"PeriodicMerger(disjoint=True) on {self.world_size} workers needs a mask built with "
-                             f"FishConfig.num_workers={self.world_size}, got {method.config.num_workers}")
-        params = dict(tuned.base_model.named_parameters())
+            raise ConfigError(f"PeriodicMerger(disjoint=True) on {self.world_size} workers needs a mask built with "
+                              f"FishConfig.num_workers={self.world_size}, got {method.config.num_workers}")
         for name, delta in method.deltas().items():
             if delta.owner is None:
-                raise ValueError(f"PeriodicMerger(disjoint=True): the mask of {name!r} has no owners; build it "
-                                 f"with FishConfig(num_workers={self.world_size})")
+                raise ConfigError(f"PeriodicMerger(disjoint=True): the mask of {name!r} has no owners; build it "
+                                  f"with FishConfig(num_workers={self.world_size})")
             owned = (delta.owner == rank).to(delta.values.dtype)
             self.hooks.append(delta.values.register_hook(lambda grad, owned=owned: grad * owned))
-            positions = torch.nonzero(owned).flatten()
-            set_decay_rule(delta.values, _SelectedDecay(positions, params[name], delta.indices))
+            method.decay_only_at(delta.values, torch.nonzero(owned).flatten())
 
     def step(self) -> bool:
         """Count one optimizer step; merge when ``every`` steps have passed. True when it merged."""
