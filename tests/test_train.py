@@ -1,7 +1,9 @@
-"""The trainer: it learns, keeps the best checkpoint, resumes bitwise after SIGKILL, and DDP equals one process."""
+"""The trainer: it learns, keeps the best checkpoint, resumes bitwise after SIGKILL (several processes:
+tests/test_train_distributed.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -15,12 +17,16 @@ import pytest
 import torch
 import transformers as hf
 from safetensors.torch import load_file
+from tiny import make_model
 
 import leantune
-from leantune.errors import CheckpointError
-from leantune.tasks.core import Example, Task
+from leantune import context
+from leantune.context import CallInput
+from leantune.errors import CheckpointError, ConfigError
+from leantune.tasks.core import DataError, Example, Task
 from leantune.train.checkpoint import latest_checkpoint
-from leantune.train.loop import TrainingDivergedError, linear_schedule, parameter_groups
+from leantune.train.data import Encoder, to_device
+from leantune.train.loop import TrainingDivergedError, linear_schedule
 
 WORKER = Path(__file__).parent / "fixtures" / "train_worker.py"
 WORDS = {0: ["good", "great", "fine", "nice", "happy"], 1: ["bad", "awful", "poor", "sad", "ugly"]}
@@ -126,7 +132,6 @@ def test_best_checkpoint_is_the_best_validation_epoch_and_test_is_scored_there(t
     assert result.validation_metric == max(metrics)
     # The reported test metric is the best checkpoint's: reload best/ into a fresh model and score it.
     reloaded = leantune.load(make_tiny_bert(), tmp_path / "best")
-    from leantune.train.data import Encoder
     from leantune.train.loop import evaluate
 
     config = leantune.TrainConfig(**SETTINGS)
@@ -178,7 +183,7 @@ def test_gradient_accumulation_matches_one_big_batch() -> None:
 
 def test_no_weight_decay_on_biases_and_norms_and_warmup_then_linear_decay() -> None:
     tuned = leantune.wrap(make_tiny_bert(), leantune.make_config("full"))
-    decay, no_decay = parameter_groups(tuned, 0.01)
+    decay, no_decay = tuned.method.parameter_groups(tuned, 0.01)
     names = {id(p): n for n, p in tuned.named_parameters()}
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
@@ -236,16 +241,71 @@ def test_sigkilled_run_resumes_to_bitwise_equal_weights(tmp_path: Path) -> None:
     assert all(torch.equal(best_a[n], best_b[n]) for n in best_a)
 
 
-def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
-    single, ddp = tmp_path / "single.safetensors", tmp_path / "ddp.safetensors"
-    one = _start_worker([str(single), "--delta-only", "--steps", "6"])
-    two = _start_worker([str(ddp), "--delta-only", "--steps", "6"], "-m", "torch.distributed.run",
-                        "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000))
-    _finish(one)
-    _finish(two)
-    expected, actual = load_file(str(single)), load_file(str(ddp))
-    assert expected.keys() == actual.keys()
-    initial = leantune.wrap(make_tiny_bert(seed=0, dropout=0.0), leantune.make_config("lora")).delta_state_dict()
-    assert any(not torch.equal(expected[n], initial[n]) for n in expected)  # training changed the delta
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+
+# --- examples with a task name and non-text inputs ------------------------------------------------------------------
+def image_task(n_train: int = 48, n_eval: int = 24, as_paths: bool = False) -> Task:
+    """Tiny 28x28 'images' whose class c brightens channel c; ``as_paths`` gives names instead of tensors."""
+    generator = torch.Generator().manual_seed(0)
+
+    def examples(n: int, split: str) -> list[Example]:
+        out = []
+        for i in range(n):
+            label = i % 3
+            image = torch.randn(3, 28, 28, generator=generator) * 0.5
+            image[label] += 1.0
+            IMAGES[f"{split}/{i}.png"] = image
+            out.append(Example(None, label, inputs={"pixel_values": f"{split}/{i}.png" if as_paths else image}))
+        return out
+
+    return Task("shapes", {"train": examples(n_train, "train"), "validation": examples(n_eval, "validation"),
+                           "test": examples(n_eval, "test")}, ["r", "g", "b"])
+
+
+IMAGES: dict[str, torch.Tensor] = {}
+
+
+def test_a_model_without_text_trains_on_non_text_inputs_with_no_tokenizer() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def load_images(name: str, paths: list) -> dict[str, torch.Tensor]:  # what an image processor does
+        calls.append((name, len(paths)))
+        return {name: torch.stack([IMAGES[p] for p in paths])}
+
+    for as_paths in (False, True):
+        tuned = leantune.wrap(make_model("vit"), leantune.make_config("full"))
+        result = leantune.train(tuned, image_task(as_paths=as_paths), None, learning_rate=3e-3, epochs=3,
+                                input_processor=load_images if as_paths else None, **SETTINGS)
+        losses = [h["train_loss"] for h in result.history]
+        assert losses[-1] < 0.7 * losses[0]
+        assert result.test_metric > 0.6  # 3 classes
+    assert calls and all(name == "pixel_values" and size in (16, 24) for name, size in calls)
+
+
+def test_text_without_a_tokenizer_and_raw_inputs_without_a_processor_are_refused_clearly() -> None:
+    with pytest.raises(ConfigError, match="task 'toy' has text to tokenise but no tokenizer was given"):
+        leantune.train(leantune.wrap(make_tiny_bert(), leantune.make_config("lora")), make_task(), None,
+                       max_steps=1, **SETTINGS)
+    with pytest.raises(DataError, match="input 'pixel_values' holds str values.*input_processor"):
+        leantune.train(leantune.wrap(make_model("vit"), leantune.make_config("full")), image_task(as_paths=True),
+                       None, max_steps=1, **SETTINGS)
+
+
+def test_the_batch_task_reaches_a_method_that_declares_it_and_mixed_batches_are_refused() -> None:
+
+    tuned = leantune.wrap(make_tiny_bert(), leantune.make_config("lora"))
+    tuned.method.call_inputs = (CallInput("task", "the batch's task"),)  # as a per-task method declares it
+    seen: list[str] = []
+    tuned.base_model.classifier.register_forward_hook(lambda module, args, output: seen.append(context.get("task")))
+    task = make_task()
+    named = {s: [dataclasses.replace(e, task="sentiment") for e in task.splits[s]] for s in task.splits}
+    leantune.train(tuned, Task("toy", named, task.label_names), tokenizer(), max_steps=2, **SETTINGS)
+    assert len(seen) > 2 and set(seen) == {"sentiment"}
+
+    encoder = Encoder.for_model(task, tokenizer(), tuned, 24, 4)
+    unnamed = encoder.batch(task.splits["train"][:4])
+    assert unnamed["task"] == "toy"  # examples without a task name belong to the task itself
+    assert to_device(unnamed, torch.device("cpu"))["task"] == "toy"
+    mixed = [dataclasses.replace(e, task=name) for e, name in zip(task.splits["train"][:4], "abab")]
+    with pytest.raises(DataError, match="mixes the tasks a, b"):
+        encoder.batch(mixed)
+    assert "task" not in Encoder.for_model(task, tokenizer(), make_tiny_bert(), 24, 4).batch(mixed)

@@ -17,7 +17,7 @@ from torch import nn
 from leantune import __version__
 from leantune.backbones import ArchitectureMap, Backbone, resolve
 from leantune.config import MethodConfig
-from leantune.context import call_inputs
+from leantune.context import call_inputs, task_name
 from leantune.errors import CheckpointError, ConfigError, UnsupportedMethodError
 from leantune.files import sha256_file, write_atomic
 from leantune.methods.base import AttachContext, TuningMethod, resolve_module_names
@@ -100,6 +100,8 @@ class TunedModel(nn.Module):
         for declared in self.method.declared_inputs():
             if declared.name in kwargs:
                 values[declared.name] = kwargs.pop(declared.name)
+                if declared.choices is not None:
+                    task_name(values[declared.name], declared.choices)  # refuses an unknown task, naming it
             elif declared.required:
                 raise ConfigError(f"method {self.method.name!r} needs {declared.name!r} in every forward and "
                                   f"generate call ({declared.help})")
@@ -132,11 +134,22 @@ class TunedModel(nn.Module):
         return delta
 
     # --- save / load / merge ----------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``leantune_config.json`` and ``delta.safetensors`` (only the delta), each atomically."""
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``leantune_config.json`` and ``delta.safetensors`` (only the delta), each atomically.
+
+        ``state_dict`` replaces the delta's values (as peft's argument does): e.g. an FSDP model's delta gathered
+        from its shards; it must hold exactly the delta's names.
+        """
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {n: t.detach().to("cpu").contiguous() for n, t in self.delta_state_dict().items()}
+        delta = self.delta_state_dict()
+        if state_dict is not None:
+            if set(state_dict) != set(delta):
+                raise CheckpointError(f"save_pretrained: state_dict must hold exactly the delta's {len(delta)} "
+                                      f"tensors, got {len(state_dict)}")
+            delta = state_dict
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in delta.items()}
         delta_path = directory / DELTA_NAME
         write_atomic(delta_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         record = {
@@ -149,10 +162,13 @@ class TunedModel(nn.Module):
         }
         write_atomic(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
-    def merge(self) -> nn.Module:
-        """Fold the delta into the base weights and return the plain Hugging Face model (exact methods only)."""
+    def merge(self, **options: Any) -> nn.Module:
+        """Fold the delta into the base weights and return the plain Hugging Face model (exact methods only).
+
+        ``options`` go to the method: a model with one LoRA per task takes ``task=<name>``.
+        """
         self._check_not_merged()
-        merged = self.method.merge(self)
+        merged = self.method.merge(self, **options)
         self._merged = True
         return merged
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from leantune.errors import LeantuneError
+from leantune.errors import ConfigError, LeantuneError
 
 SPLITS = ("train", "validation", "test")
 
@@ -21,11 +22,19 @@ class DataError(LeantuneError, ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One input (a text or a text pair) and its label: a class index, or a float for regression."""
+    """One input and its label (a class index, or a float for regression).
 
-    text: str
+    ``text`` and ``text_pair`` are tokenised (``text`` is ``None`` for a model that takes no text); ``inputs``
+    holds the non-text model inputs by keyword (an image path or tensor, visual features, audio), turned into
+    batch tensors by the trainer's ``Encoder``. ``task`` names the task the example belongs to, for methods that
+    take the batch's task in every call (per-task adapters) and for multi-task training.
+    """
+
+    text: str | None
     label: int | float
     text_pair: str | None = None
+    task: str | None = None
+    inputs: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 def accuracy(predictions: Sequence, labels: Sequence) -> float:
@@ -77,7 +86,7 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; known: {', '.join(METRICS)}")
+            raise ConfigError(f"unknown metric {self.metric!r} for task {self.name!r}; known: {', '.join(METRICS)}")
         for split in SPLITS:
             if not self.splits.get(split):
                 raise DataError(f"task {self.name!r} has no {split} examples")
@@ -97,8 +106,12 @@ class Task:
     # --- text-to-text form ------------------------------------------------------------------------------
     def source_text(self, example: Example) -> str:
         first, second = self.input_names
-        text = f"{self.prefix} {first}: {example.text}" if self.prefix else f"{first}: {example.text}"
-        return text if example.text_pair is None else f"{text} {second}: {example.text_pair}"
+        parts = [self.prefix] if self.prefix else []
+        if example.text is not None:
+            parts.append(f"{first}: {example.text}")
+        if example.text_pair is not None:
+            parts.append(f"{second}: {example.text_pair}")
+        return " ".join(parts)
 
     def target_text(self, label: int | float) -> str:
         if self.label_names is None:

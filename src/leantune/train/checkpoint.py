@@ -4,16 +4,21 @@ Layout in a run directory::
 
     checkpoints/step-000120/delta.safetensors   trainable and added tensors (TunedModel.delta_state_dict)
     checkpoints/step-000120/state.pt            optimizer, scheduler, RNG states, progress, best-so-far
+    checkpoints/step-000120/sharded/            (FSDP runs, instead of delta.safetensors and the optimizer in
+                                                state.pt) every process's shards, torch.distributed.checkpoint
     checkpoints/latest                          the name of the newest complete checkpoint
     best/                                       the best checkpoint by validation metric (leantune.load-able)
 
 Every checkpoint is written into a temporary directory that is renamed into place once complete, then
 ``latest`` is replaced atomically; a run killed at any moment leaves the previous checkpoint intact.
+``state.pt`` holds plain data only (tensors, numbers, strings, lists, dicts) and is read with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -25,73 +30,69 @@ from safetensors.torch import load_file, save_file
 
 from leantune.api import TunedModel
 from leantune.errors import CheckpointError
+from leantune.files import write_atomic, write_atomic_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 BEST = "best"
 DELTA = "delta.safetensors"
 STATE = "state.pt"
+SHARDED = "sharded"
 
 
+# --- random generators ----------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    """The state of every random generator training may draw from, as plain Python values (picklable)."""
+    """The state of every random generator training may draw from, as tensors and plain Python values."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
-        "torch": torch.get_rng_state().numpy().tobytes(),
+        "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": (kind, keys.tolist(), position, has_gauss, cached),
+        "numpy": [str(kind), keys.tolist(), int(position), int(has_gauss), float(cached)],
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(state["cuda"]), dtype=torch.uint8))
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
+# --- writing ----------------------------------------------------------------------------------------------------
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain CPU tensor (an FSDP-sharded DTensor is gathered first)."""
+    """A plain CPU tensor (an FSDP-sharded DTensor is gathered first: a collective call)."""
     if hasattr(tensor, "full_tensor"):
         tensor = tensor.full_tensor()
     return tensor.detach().to("cpu").contiguous()
 
 
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-
-
-def write_atomic_text(path: Path, text: str) -> None:
-    write_atomic_bytes(path, text.encode())
-
-
-def save_checkpoint(run_dir: Path, tuned: TunedModel, state: dict[str, Any]) -> Path:
-    """Write ``checkpoints/step-N`` (delta + ``state``), point ``latest`` at it, remove older ones."""
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{state['global_step']:06d}"
-    tmp = root / f".tmp-{name}-{os.getpid()}"
+def begin_checkpoint(run_dir: Path, global_step: int) -> Path:
+    """An empty temporary directory for the checkpoint of ``global_step`` (the same path on every process)."""
+    tmp = run_dir / CHECKPOINTS / f".tmp-step-{global_step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_delta(directory: Path, tuned: TunedModel) -> None:
     tensors = {n: local_tensor(t) for n, t in tuned.delta_state_dict().items()}
-    save_file(tensors, str(tmp / DELTA), metadata={"format": "pt"})
-    torch.save(state, tmp / STATE)
-    for path in (tmp / DELTA, tmp / STATE):
-        _fsync_file(path)
+    write_atomic(directory / DELTA, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+
+def write_state(directory: Path, state: dict[str, Any]) -> None:
+    write_atomic(directory / STATE, lambda tmp: torch.save(state, tmp))
+
+
+def commit_checkpoint(run_dir: Path, tmp: Path, global_step: int) -> Path:
+    """Rename the complete ``tmp`` into ``checkpoints/step-N``, point ``latest`` at it, remove older ones."""
+    root = run_dir / CHECKPOINTS
+    name = f"step-{global_step:06d}"
     final = root / name
     if final.exists():
         shutil.rmtree(final)
@@ -103,19 +104,44 @@ def save_checkpoint(run_dir: Path, tuned: TunedModel, state: dict[str, Any]) -> 
     return final
 
 
+def save_checkpoint(run_dir: Path, tuned: TunedModel, state: dict[str, Any]) -> Path:
+    """Write ``checkpoints/step-N`` (delta + ``state``) from one process."""
+    tmp = begin_checkpoint(run_dir, state["global_step"])
+    write_delta(tmp, tuned)
+    write_state(tmp, state)
+    return commit_checkpoint(run_dir, tmp, state["global_step"])
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` was written by an FSDP run (torch.distributed.checkpoint shards)."""
+    return (path / SHARDED / ".metadata").is_file()
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or ``None``."""
     pointer = run_dir / CHECKPOINTS / LATEST
     if not pointer.is_file():
         return None
     path = run_dir / CHECKPOINTS / pointer.read_text().strip()
-    if not (path / DELTA).is_file() or not (path / STATE).is_file():
+    if not (path / STATE).is_file() or not ((path / DELTA).is_file() or is_sharded(path)):
         raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing")
     return path
 
 
-def load_checkpoint(path: Path, tuned: TunedModel) -> dict[str, Any]:
-    """Restore the delta weights from ``path`` into ``tuned``; return the rest of the state."""
+def read_state(path: Path) -> dict[str, Any]:
+    """The training state of the checkpoint at ``path`` (plain data: loaded with ``weights_only=True``)."""
+    try:
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise CheckpointError(f"{path / STATE} cannot be read as a leantune training state ({err})") from None
+    if not isinstance(state, dict) or "progress" not in state:
+        raise CheckpointError(f"{path / STATE} was written by an older leantune; start the run again")
+    return state
+
+
+def load_delta(path: Path, tuned: TunedModel) -> None:
+    """Restore the delta weights of the (unsharded) checkpoint at ``path`` into ``tuned``."""
     tensors = load_file(str(path / DELTA))
     expected = tuned.delta_state_dict()
     if set(tensors) != set(expected):
@@ -126,15 +152,16 @@ def load_checkpoint(path: Path, tuned: TunedModel) -> dict[str, Any]:
     with torch.no_grad():
         for name, target in expected.items():
             target.copy_(tensors[name])
-    return torch.load(path / STATE, map_location="cpu", weights_only=False)
 
 
-def save_best(run_dir: Path, tuned: TunedModel) -> None:
-    """Replace ``best/`` with the current delta: written beside it, then swapped in by renames."""
+# --- the best checkpoint ----------------------------------------------------------------------------------------
+def save_best(run_dir: Path, tuned: TunedModel, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Replace ``best/`` with ``tuned``'s delta (or ``tensors``, its gathered values): written beside it, then
+    swapped in by renames."""
     best = run_dir / BEST
     tmp, old = run_dir / f".{BEST}.tmp{os.getpid()}", run_dir / f".{BEST}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    tuned.save_pretrained(tmp)
+    tuned.save_pretrained(tmp, state_dict=tensors)
     if best.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(best, old)

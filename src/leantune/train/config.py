@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from leantune.config import build_strict, check_choice, check_positive, check_range, check_types
+from leantune.errors import ConfigError
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -40,46 +43,38 @@ class TrainConfig:
         default=False,
         metadata={"help": "After training, measure the tensor memory of one training step (leantune.memory)."},
     )
-    fsdp: bool = field(default=False, metadata={"help": "Shard the model with FSDP under torchrun (GPU)."})
+    fsdp: bool = field(default=False, metadata={
+        "help": "Shard the model with FSDP2 under torchrun (checkpoints through torch.distributed.checkpoint)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
-        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        if isinstance(self.adam_betas, list):
+            self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        check_types(self)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field and its bad value."""
-        for name in ("learning_rate", "batch_size", "grad_accumulation", "epochs", "max_length", "eval_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        """Raise :class:`ConfigError` naming the field and its bad value."""
+        check_positive(self, "learning_rate", "batch_size", "grad_accumulation", "epochs", "max_length",
+                       "eval_batch_size", "max_target_length")
         for name in ("max_steps", "eval_every", "checkpoint_every", "train_examples", "validation_examples",
                      "test_examples", "warmup_steps"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "warmup_steps" else 1):
-                raise ValueError(f"TrainConfig.{name} must be a positive integer or None, got {value!r}")
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer or None, got {value!r}")
         if self.batch_size % self.grad_accumulation:
-            raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of grad_accumulation "
-                             f"({self.grad_accumulation})")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+            raise ConfigError(f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of grad_accumulation "
+                              f"({self.grad_accumulation})")
+        check_choice(self, "precision", PRECISIONS)
+        check_range(self, "warmup_ratio", 0, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a dict; an unknown key raises ``TypeError`` naming it and listing the valid ones."""
-        unknown = sorted(set(values) - set(cls.field_names()))
-        if unknown:
-            raise TypeError(f"unknown training option(s) {', '.join(map(repr, unknown))}; "
-                            f"valid: {', '.join(cls.field_names())}")
-        return cls(**values)
+        """Build from a dict; an unknown key raises :class:`UnknownOptionError` naming it and the valid ones."""
+        return build_strict(cls, values, "training settings")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})

@@ -1,48 +1,93 @@
-"""Turning task examples into model batches, and model outputs back into predictions."""
+"""Turning task examples into model batches, and model outputs back into predictions.
+
+A batch holds the tokenised text (when the examples have text), the non-text inputs of the examples (images,
+visual features, audio: ``Example.inputs``, turned into tensors by an optional ``input_processor``), the labels,
+and the batch's task name when the tuned model's method takes one in every call (per-call input ``task``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from leantune.tasks.core import Example, Task
+from leantune.errors import ConfigError
+from leantune.tasks.core import DataError, Example, Task
+
+TASK_INPUT = "task"
+"""The per-call input through which a method receives the name of the batch's task."""
+
+InputProcessor = Callable[[str, list[Any]], Any]
+"""``processor(name, values)`` turns one non-text input of a batch (one value per example, e.g. image paths)
+into a batch tensor, a mapping of batch tensors (a Hugging Face image processor's output), or a list of
+per-example tensors of equal shape (stacked)."""
+
+
+def is_text_to_text(model: torch.nn.Module) -> bool:
+    """Encoder-decoder models (T5, BART) are trained text-to-text; every other model through its head."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with every tensor moved to ``device``; other values (a task name) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class Encoder:
-    """Tokenises examples for one task and one model form.
+    """Turns examples of one task into batches for one model form.
 
     ``text_to_text`` (T5, BART): the input is the task's source text and the labels are the tokenised label
     word (padding set to -100); predictions come from greedy ``generate``. Otherwise (a classification or
     regression head): the text or text pair is tokenised and the labels are class indices or floats.
+    ``call_inputs``: the per-call inputs the tuned model takes; with ``"task"`` among them every batch carries
+    its task name (``Example.task``, else the task's own name) and a batch that mixes tasks is refused.
     """
 
-    def __init__(self, task: Task, tokenizer: Any, text_to_text: bool, max_length: int, max_target_length: int):
+    def __init__(
+        self,
+        task: Task,
+        tokenizer: Any,
+        text_to_text: bool,
+        max_length: int,
+        max_target_length: int,
+        input_processor: InputProcessor | None = None,
+        call_inputs: Collection[str] = (),
+    ) -> None:
         self.task = task
         self.tokenizer = tokenizer
         self.text_to_text = text_to_text
         self.max_length = max_length
         self.max_target_length = max_target_length
+        self.input_processor = input_processor
+        self.call_inputs = frozenset(call_inputs)
 
-    def inputs(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    @classmethod
+    def for_model(
+        cls, task: Task, tokenizer: Any, model: torch.nn.Module, max_length: int, max_target_length: int,
+        input_processor: InputProcessor | None = None,
+    ) -> Encoder:
+        """The encoder for ``model`` (a ``TunedModel`` or a plain one): its form and its method's per-call inputs."""
+        method = getattr(model, "method", None)
+        call_inputs = {i.name for i in method.declared_inputs()} if method is not None else set()
+        return cls(task, tokenizer, is_text_to_text(model), max_length, max_target_length, input_processor,
+                   call_inputs)
+
+    def inputs(self, examples: Sequence[Example]) -> dict[str, Any]:
         """Model inputs without labels."""
-        if self.text_to_text:
-            texts = [self.task.source_text(e) for e in examples]
-            return dict(self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
-                                       return_tensors="pt"))
-        texts = [e.text for e in examples]
-        pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
-        return dict(self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True,
-                                   return_tensors="pt"))
+        batch = self._text(examples)
+        batch.update(self._non_text(examples))
+        if TASK_INPUT in self.call_inputs:
+            batch[TASK_INPUT] = self._task_name(examples)
+        return batch
 
-    def batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    def batch(self, examples: Sequence[Example]) -> dict[str, Any]:
         """Model inputs with labels, so that the model returns ``loss``."""
         batch = self.inputs(examples)
         if self.text_to_text:
-            targets = self.tokenizer(text_target=[self.task.target_text(e.label) for e in examples],
-                                     truncation=True, max_length=self.max_target_length, padding=True,
-                                     return_tensors="pt")
+            targets = self._tokenizer()(text_target=[self.task.target_text(e.label) for e in examples],
+                                        truncation=True, max_length=self.max_target_length, padding=True,
+                                        return_tensors="pt")
             labels = targets["input_ids"]
             labels[targets["attention_mask"] == 0] = -100
             batch["labels"] = labels
@@ -52,14 +97,80 @@ class Encoder:
             batch["labels"] = torch.tensor([int(e.label) for e in examples])
         return batch
 
-    def predictions(self, model: Any, inputs: dict[str, torch.Tensor]) -> list[int | float]:
-        """Predicted labels for one batch of inputs (call under ``torch.no_grad``)."""
+    def predictions(self, model: Any, inputs: dict[str, Any], synced_gpus: bool = False) -> list[int | float]:
+        """Predicted labels for one batch of inputs (call under ``torch.no_grad``). ``synced_gpus``: generation
+        runs to the longest sequence of every process (needed when the model is sharded with FSDP)."""
         if self.text_to_text:
+            extra = {"synced_gpus": True} if synced_gpus else {}
             generated = model.generate(**inputs, max_new_tokens=self.max_target_length, do_sample=False,
-                                       num_beams=1)
-            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                                       num_beams=1, **extra)
+            texts = self._tokenizer().batch_decode(generated, skip_special_tokens=True)
             return [self.task.parse_target(t) for t in texts]
         logits = model(**inputs).logits
         if self.task.is_regression:
             return logits.float().reshape(-1).tolist()
         return logits.argmax(-1).tolist()
+
+    # --- the parts of a batch ---------------------------------------------------------------------------------
+    def _tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ConfigError(f"task {self.task.name!r} has text to tokenise but no tokenizer was given; pass the "
+                              "model's tokenizer to leantune.train")
+        return self.tokenizer
+
+    def _text(self, examples: Sequence[Example]) -> dict[str, Any]:
+        if self.text_to_text:
+            texts = [self.task.source_text(e) for e in examples]
+            return dict(self._tokenizer()(texts, truncation=True, max_length=self.max_length, padding=True,
+                                          return_tensors="pt"))
+        with_text = sum(e.text is not None for e in examples)
+        if with_text == 0:
+            return {}
+        if with_text < len(examples):
+            raise DataError(f"task {self.task.name!r}: a batch mixes examples with and without text")
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
+        return dict(self._tokenizer()(texts, pairs, truncation=True, max_length=self.max_length, padding=True,
+                                      return_tensors="pt"))
+
+    def _non_text(self, examples: Sequence[Example]) -> dict[str, Any]:
+        if not examples or not examples[0].inputs:
+            return {}
+        names = sorted(examples[0].inputs)
+        for example in examples:
+            if sorted(example.inputs) != names:
+                raise DataError(f"task {self.task.name!r}: the examples of one batch carry different inputs "
+                                f"({names} and {sorted(example.inputs)})")
+        batch: dict[str, Any] = {}
+        for name in names:
+            values = [e.inputs[name] for e in examples]
+            processed = self.input_processor(name, values) if self.input_processor is not None else values
+            batch.update(_batched(name, processed))
+        return batch
+
+    def _task_name(self, examples: Sequence[Example]) -> str:
+        names = sorted({e.task or self.task.name for e in examples})
+        if len(names) > 1:
+            raise DataError(f"a batch mixes the tasks {', '.join(names)}, but the model takes one task per call; "
+                            "put examples of one task in each batch")
+        return names[0]
+
+
+def _batched(name: str, value: Any) -> dict[str, Any]:
+    """One non-text input as batch tensors: a tensor or mapping as given, a list stacked or made a tensor."""
+    if isinstance(value, torch.Tensor):
+        return {name: value}
+    if isinstance(value, Mapping):
+        return dict(value)
+    values = list(value)
+    if all(isinstance(v, torch.Tensor) for v in values):
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) > 1:
+            raise DataError(f"input {name!r}: the examples' tensors have different shapes {sorted(shapes)}; give "
+                            "an input_processor that resizes or pads them")
+        return {name: torch.stack(values)}
+    if all(isinstance(v, (bool, int, float)) for v in values):
+        return {name: torch.tensor(values)}
+    kinds = sorted({type(v).__name__ for v in values})
+    raise DataError(f"input {name!r} holds {', '.join(kinds)} values, not tensors; give an input_processor that "
+                    "turns them into tensors (an image processor, a feature extractor)")

@@ -1,22 +1,32 @@
-"""Multi-process training under ``torchrun``: gloo on CPU, NCCL on GPU.
+"""Several processes under ``torchrun`` on torch's own engines: DDP (with the method's comm hook) or FSDP2.
 
-Only the trainable parameters are synchronised. At the start rank 0 broadcasts them (so every process starts
-from the same delta even if initialisation differed); after each backward pass their gradients are averaged
-with one all-reduce of a flat buffer. The frozen backbone is never communicated: every process loads it from
-the same weights. Each process takes an equal slice of every global batch, so a run on N processes computes
-the same update as one process on the whole batch. Optionally (``fsdp``) the model is sharded with FSDP2's
-``fully_shard`` per transformer block, for backbones that do not fit on one GPU.
+Gloo on CPU, NCCL on GPU. Each process takes an equal slice of every global batch, so a run on N processes
+computes the same update as one process on the whole batch.
+
+* **DDP** (default): the tuned model is wrapped in ``DistributedDataParallel``. DDP itself leaves out the frozen
+  parameters (they do not require grad), copies rank 0's parameters and buffers to every process once at
+  construction, and averages the trainable gradients in buckets during backward. A method that communicates less
+  than a dense all-reduce (FISH's selected entries) hands DDP its communication hook
+  (``TuningMethod.ddp_comm_hook``); its byte counts end up in the run's results.
+* **FSDP2** (``fsdp=True``): ``fully_shard`` per transformer block, then the whole tuned model, for backbones that
+  do not fit one device. Checkpoints are sharded through ``torch.distributed.checkpoint`` (every process writes
+  its shards of the delta and of the optimizer state); ``best/`` is gathered into one ``leantune.load``-able delta.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from leantune.api import TunedModel
 
 
 @dataclass(frozen=True)
@@ -55,31 +65,120 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def broadcast_trainable(model: nn.Module, context: DistContext) -> None:
-    """Copy rank 0's trainable parameters to every process."""
-    if not context.distributed:
-        return
-    with torch.no_grad():
-        for p in trainable_parameters(model):
-            dist.broadcast(p.data, src=0)
+# --- DDP --------------------------------------------------------------------------------------------------------
+def wrap_ddp(model: TunedModel, context: DistContext) -> tuple[DistributedDataParallel, Any]:
+    """``(DDP module, comm-hook state or None)``: ``model`` in ``DistributedDataParallel`` with its method's hook.
+
+    Buffers are not re-broadcast at every forward (transformers' buffers are constants). A method with per-call
+    inputs may route a batch through some of its modules only (one adapter per task), so DDP then looks for
+    parameters a step did not use.
+    """
+    ddp = DistributedDataParallel(
+        model, device_ids=[context.device.index] if context.device.type == "cuda" else None,
+        broadcast_buffers=False, find_unused_parameters=bool(model.method.declared_inputs()),
+    )
+    hook = model.method.ddp_comm_hook(model)
+    if hook is None:
+        return ddp, None
+    state, communication_hook = hook
+    ddp.register_comm_hook(state, communication_hook)
+    return ddp, state
 
 
-def average_gradients(model: nn.Module, context: DistContext) -> None:
-    """Average the trainable parameters' gradients over all processes with one flat all-reduce."""
-    if not context.distributed:
-        return
-    params = trainable_parameters(model)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= context.world_size
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+def gradient_sync(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """For gradient accumulation: DDP's ``no_sync()`` on every micro-batch but the last (``sync=False``)."""
+    if isinstance(module, DistributedDataParallel) and not sync:
+        return module.no_sync()
+    return contextlib.nullcontext()
 
 
+def communication_summary(state: Any) -> dict[str, Any] | None:
+    """The bytes a comm hook counted (``bytes_per_step``, ``dense_bytes_per_step``), summarised for the results."""
+    sent = list(getattr(state, "bytes_per_step", None) or [])
+    if not sent:
+        return None
+    dense = list(getattr(state, "dense_bytes_per_step", None) or [])
+    summary: dict[str, Any] = {
+        "comm_hook": type(state).__name__, "steps_counted": len(sent), "total_bytes": sum(sent),
+        "bytes_per_step_min": min(sent), "bytes_per_step_max": max(sent),
+    }
+    if dense:
+        summary["dense_bytes_per_step"] = max(dense)
+        summary["fraction_of_dense"] = sum(sent) / max(1, sum(dense))
+    return summary
+
+
+# --- FSDP2 ------------------------------------------------------------------------------------------------------
+def shard_model(model: TunedModel, block_modules: list[nn.Module]) -> TunedModel:
+    """FSDP2: shard each transformer block, then the rest of the model (parameters gathered per block).
+
+    ``generate`` is registered as a forward method, so generation gathers the root's parameters too.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for block in block_modules:
+        fully_shard(block)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "generate")
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def _delta_and_optimizer(model: TunedModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The sharded delta and optimizer state, keyed by parameter name (references, nothing gathered)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    delta_names = set(model.delta_state_dict())
+    return {"delta": {n: t for n, t in model_state.items() if n in delta_names}, "optimizer": optimizer_state}
+
+
+def save_sharded(directory: Path, model: TunedModel, optimizer: torch.optim.Optimizer) -> None:
+    """Every process writes its shards of the delta and of the optimizer state (a collective call)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_delta_and_optimizer(model, optimizer), checkpoint_id=str(directory))
+
+
+def load_sharded(directory: Path, model: TunedModel, optimizer: torch.optim.Optimizer) -> None:
+    """Restore what :func:`save_sharded` wrote into the sharded ``model`` and its ``optimizer`` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _delta_and_optimizer(model, optimizer)
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["delta"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))
+
+
+def gathered_delta(model: TunedModel, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The delta as plain CPU tensors, sharded ones gathered (a collective call); kept only where ``keep``."""
+    gathered = {}
+    for name, tensor in model.delta_state_dict().items():
+        full = (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().to("cpu")
+        if keep:
+            gathered[name] = full.contiguous()
+    return gathered if keep else None
+
+
+@torch.no_grad()
+def set_delta(model: TunedModel, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors (or same-placement shards) into ``model``'s delta, sharded or not."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, target in model.delta_state_dict().items():
+        value = tensors[name]
+        if isinstance(target, DTensor) and not isinstance(value, DTensor):
+            value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements,
+                                      src_data_rank=None)
+        target.copy_(value)
+
+
+# --- collectives ------------------------------------------------------------------------------------------------
 def all_true(flag: bool, context: DistContext) -> bool:
     """True only if ``flag`` is true on every process."""
     if not context.distributed:
@@ -102,17 +201,3 @@ def barrier(context: DistContext) -> None:
     if context.distributed:
         dist.barrier()
 
-
-def shard_model(model: nn.Module, block_modules: list[nn.Module]) -> nn.Module:
-    """FSDP2: shard each transformer block, then the rest of the model (parameters gathered per block)."""
-    from torch.distributed.fsdp import fully_shard
-
-    for block in block_modules:
-        fully_shard(block)
-    fully_shard(model)
-    return model
-
-
-def cleanup(context: DistContext) -> None:
-    if context.distributed and dist.is_initialized():
-        dist.destroy_process_group()

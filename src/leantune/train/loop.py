@@ -1,20 +1,26 @@
 """``leantune.train``: fine-tune a wrapped model on a task, keep the best checkpoint, report its test metric.
 
-One function, read top to bottom: set up (process group, seeds, optimizer, schedule, resume), then the step
-loop (micro-batches, gradient sync, clipping, evaluation, checkpoints), then the test score of the best
-checkpoint. Works for every method and every model ``leantune.wrap`` accepts: classification and regression
-heads are trained on their ``loss``; encoder-decoder models learn the task in text-to-text form and are
-scored from greedy ``generate``.
+A recipe, read top to bottom; each step is one function below, in this order:
+
+1. :func:`set_up`        process group, seeds, batch sizes, the model on its device (DDP or FSDP2), optimizer,
+                         schedule
+2. :func:`resume_run`    the run directory's latest checkpoint, when resuming
+3. :func:`train_step`    one optimizer step: micro-batches, gradient sync, clipping, the method's pre-step work
+4. :func:`validate`      the validation metric at each epoch end (or every ``eval_every`` steps); the best delta
+                         is kept
+5. :func:`checkpoint`    a resumable checkpoint at each evaluation and every ``checkpoint_every`` steps
+6. :func:`finish`        the best delta back in the model, its test metric, the results
+
+:class:`RunState` carries what the steps share. Works for every method and every model ``leantune.wrap``
+accepts: classification and regression heads are trained on their ``loss``; encoder-decoder models learn the
+task in text-to-text form and are scored from greedy ``generate``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,16 +29,21 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from tqdm import tqdm
 
 from leantune.api import DELTA_NAME, TunedModel
-from leantune.backbones import is_norm
-from leantune.errors import CheckpointError, LeantuneError
-from leantune.tasks.core import DataError, Example, Task
+from leantune.errors import CheckpointError, ConfigError, LeantuneError
+from leantune.files import write_atomic_text
+from leantune.tasks.core import DataError, Task
 from leantune.train import checkpoint as ckpt
 from leantune.train import distributed
 from leantune.train.config import TrainConfig
-from leantune.train.data import Encoder
+from leantune.train.data import Encoder, InputProcessor, is_text_to_text, to_device
+from leantune.train.evaluation import autocast, evaluate, measure_step_memory, peak_memory
+
+__all__ = ["RunState", "TrainResult", "TrainingDivergedError", "epoch_order", "evaluate", "is_text_to_text",
+           "linear_schedule", "train"]
 
 LOG_NAME = "log.jsonl"
 RESULTS_NAME = "results.json"
@@ -44,7 +55,11 @@ class TrainingDivergedError(LeantuneError, RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a run achieved: the metric at the best validation checkpoint, its cost, and every evaluation."""
+    """What a run achieved: the metric at the best validation checkpoint, its cost, and every evaluation.
+
+    ``communication``: under DDP with a method's comm hook, the bytes the hook sent per step (and what a dense
+    all-reduce would have sent), over the steps this process ran.
+    """
 
     metric: str
     best_step: int
@@ -62,6 +77,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     output_dir: str | None = None
     step_memory: dict[str, Any] | None = None
+    communication: dict[str, Any] | None = None
 
     @property
     def trainable_percent(self) -> float:
@@ -69,31 +85,6 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "trainable_percent": self.trainable_percent}
-
-
-def is_text_to_text(model: torch.nn.Module) -> bool:
-    """Encoder-decoder models (T5, BART) are trained text-to-text; every other model through its head."""
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """Peak memory so far: allocated CUDA memory on a GPU, else the process's maximum resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "max_rss"
-
-
-def parameter_groups(model: TunedModel, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two AdamW groups: biases and norm parameters get no weight decay."""
-    norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if name.endswith("bias") or id(p) in norm_params or p.ndim < 2 else decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-            if g["params"]]
 
 
 def linear_schedule(warmup_steps: int, total_steps: int):
@@ -111,41 +102,57 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_examples, generator=generator).tolist()
 
 
-def _autocast(config: TrainConfig, device: torch.device):
-    if config.precision == "fp32":
-        return contextlib.nullcontext()
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
+@dataclass(frozen=True)
+class Sizes:
+    """Examples per step (all processes, this process, one micro-batch) and steps per epoch and in all."""
+
+    global_batch: int
+    local_batch: int
+    micro_batch: int
+    steps_per_epoch: int
+    total_steps: int
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+@dataclass
+class Progress:
+    """Where the run is: what a checkpoint saves besides the weights, optimizer and random generators."""
+
+    global_step: int = 0
+    best_metric: float = -math.inf
+    best_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    loss_sum: float = 0.0  # training loss summed since the last evaluation
+    loss_count: int = 0
 
 
-def evaluate(
-    model: TunedModel,
-    encoder: Encoder,
-    examples: list[Example],
-    config: TrainConfig,
-    context: distributed.DistContext | None = None,
-) -> float:
-    """The task metric on ``examples``; under torchrun each process scores a slice and the slices are gathered."""
-    context = context or distributed.DistContext(device=next(model.parameters()).device)
-    indices = list(range(context.rank, len(examples), context.world_size))
-    predictions: list[int | float] = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), _autocast(config, context.device):
-        for start in range(0, len(indices), config.eval_batch_size):
-            chunk = [examples[i] for i in indices[start:start + config.eval_batch_size]]
-            predictions += encoder.predictions(model, _to(encoder.inputs(chunk), context.device))
-    model.train(was_training)
-    by_index: dict[int, int | float] = {}
-    for rank_indices, rank_predictions in distributed.gather_objects((indices, predictions), context):
-        by_index.update(zip(rank_indices, rank_predictions))
-    ordered = [by_index[i] for i in range(len(examples))]
-    return encoder.task.score(ordered, [e.label for e in examples])
+@dataclass
+class RunState:
+    """What the steps of one run share. ``model`` is the tuned model (evaluation, checkpoints); ``trained`` is
+    what the forward pass runs through (the DDP wrapper under torchrun, else ``model`` itself)."""
+
+    config: TrainConfig
+    task: Task
+    context: distributed.DistContext
+    run_dir: Path | None
+    sizes: Sizes
+    encoder: Encoder
+    model: TunedModel
+    trained: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    comm_state: Any = None
+    progress: Progress = field(default_factory=Progress)
+    last_checkpoint: Path | None = None
+    best_in_memory: dict[str, torch.Tensor] | None = None
+    wall_start: float = field(default_factory=time.perf_counter)
+    train_seconds: float = 0.0
+    steps_run: int = 0
+    order: tuple[int, list[int]] = field(default_factory=lambda: (-1, []))  # (epoch, its example order)
+
+    @property
+    def sharded(self) -> bool:
+        return self.config.fsdp
 
 
 def train(
@@ -155,6 +162,8 @@ def train(
     config: TrainConfig | None = None,
     output_dir: str | Path | None = None,
     resume: bool = False,
+    *,
+    input_processor: InputProcessor | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train ``model`` (from ``leantune.wrap``) on ``task``; return the test metric at the best validation step.
@@ -162,220 +171,123 @@ def train(
     ``config`` fields can also be given as keyword ``overrides``. With ``output_dir`` the run writes
     ``log.jsonl`` (one line per evaluation), resumable ``checkpoints/``, ``best/`` (loadable with
     ``leantune.load``) and ``results.json``; ``resume=True`` continues from its latest checkpoint.
+    ``tokenizer`` may be ``None`` for a model that takes no text; ``input_processor`` turns the examples'
+    non-text inputs (``Example.inputs``) into tensors (see :class:`leantune.train.data.Encoder`).
     """
-    wall_start = time.perf_counter()
     config = (config or TrainConfig()).replace(**overrides)
+    run = set_up(model, task, tokenizer, config, output_dir, input_processor)
+    if run.run_dir is not None:
+        resume_run(run, resume)
+    bar = tqdm(total=run.sizes.total_steps, initial=run.progress.global_step, unit="step",
+               desc=f"{model.method.name} on {run.task.name}", dynamic_ncols=True,
+               disable=not (config.progress and run.context.is_main))
+    while run.progress.global_step < run.sizes.total_steps:
+        step_loss = train_step(run)
+        memory, _ = peak_memory(run.context.device)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
+                        peak_mem=f"{memory / 2**20:,.0f}MiB", refresh=False)
+        bar.update(1)
+        step = run.progress.global_step
+        at_epoch_end = step % run.sizes.steps_per_epoch == 0
+        if (step % config.eval_every == 0 if config.eval_every else at_epoch_end) or step == run.sizes.total_steps:
+            metric, improved = validate(run)
+            if config.progress and run.context.is_main:
+                bar.write(f"step {step}: validation {run.task.metric} {metric:.4f}" + (" (best)" if improved else ""))
+            checkpoint(run)
+        elif config.checkpoint_every and step % config.checkpoint_every == 0:
+            checkpoint(run)
+    bar.close()
+    return finish(run)
+
+
+# --- 1. set-up ----------------------------------------------------------------------------------------------------
+def set_up(
+    model: TunedModel, task: Task, tokenizer: Any, config: TrainConfig, output_dir: str | Path | None,
+    input_processor: InputProcessor | None = None,
+) -> RunState:
+    """Join the process group, seed, size the batches, place the model (DDP or FSDP2), build optimizer and schedule."""
     if not isinstance(model, TunedModel):
         raise TypeError(f"train() needs a model from leantune.wrap, got {type(model).__name__}")
     context = distributed.setup()
-    run_dir = Path(output_dir) if output_dir is not None else None
+    if config.precision == "fp16" and context.device.type != "cuda":
+        raise ConfigError("TrainConfig.precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
     task = task.subset({"train": config.train_examples, "validation": config.validation_examples,
                         "test": config.test_examples})
-    train_examples = task.splits["train"]
-    global_batch = config.batch_size
-    if global_batch % (context.world_size * config.grad_accumulation):
-        raise ValueError(f"batch_size {global_batch} must be divisible by processes x grad_accumulation "
-                         f"({context.world_size} x {config.grad_accumulation})")
-    if len(train_examples) < global_batch:
-        raise DataError(f"task {task.name!r} has {len(train_examples)} training examples, fewer than one batch "
-                        f"({global_batch}); lower batch_size")
-    local_batch = global_batch // context.world_size
-    micro_batch = local_batch // config.grad_accumulation
-    steps_per_epoch = len(train_examples) // global_batch
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-    warmup_steps = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total_steps)
-    encoder = Encoder(task, tokenizer, is_text_to_text(model), config.max_length, config.max_target_length)
-
+    sizes = _sizes(config, context, task)
+    encoder = Encoder.for_model(task, tokenizer, model, config.max_length, config.max_target_length, input_processor)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
     model.to(context.device)
     if context.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(context.device)
-    distributed.broadcast_trainable(model, context)
+    trained, comm_state = _place(model, config, context)
+    optimizer = torch.optim.AdamW(model.method.parameter_groups(model, config.weight_decay), lr=config.learning_rate,
+                                  betas=config.adam_betas, eps=config.adam_eps)
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * sizes.total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, sizes.total_steps))
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+    model.train()
+    return RunState(config, task, context, Path(output_dir) if output_dir is not None else None, sizes, encoder,
+                    model, trained, optimizer, scheduler, scaler, comm_state)
+
+
+def _sizes(config: TrainConfig, context: distributed.DistContext, task: Task) -> Sizes:
+    examples = len(task.splits["train"])
+    global_batch = config.batch_size
+    if global_batch % (context.world_size * config.grad_accumulation):
+        raise ConfigError(f"TrainConfig.batch_size {global_batch} must be divisible by processes x grad_accumulation "
+                          f"({context.world_size} x {config.grad_accumulation})")
+    if examples < global_batch:
+        raise DataError(f"task {task.name!r} has {examples} training examples, fewer than one batch "
+                        f"({global_batch}); lower batch_size")
+    local_batch = global_batch // context.world_size
+    steps_per_epoch = examples // global_batch
+    return Sizes(global_batch, local_batch, local_batch // config.grad_accumulation, steps_per_epoch,
+                 config.max_steps or config.epochs * steps_per_epoch)
+
+
+def _place(model: TunedModel, config: TrainConfig, context: distributed.DistContext) -> tuple[nn.Module, Any]:
+    """``(module the forward runs through, comm-hook state)``: FSDP2 shards, DDP wraps, one process runs as is."""
     if config.fsdp:
         if not context.distributed:
-            raise ValueError("fsdp=True needs several processes; start the run with torchrun")
-        if run_dir is not None:
-            raise ValueError("fsdp=True keeps the best delta in memory and cannot write a run directory yet; "
-                             "pass no output_dir and save the returned model yourself")
+            raise ConfigError("TrainConfig.fsdp needs several processes; start the run with torchrun")
         distributed.shard_model(model, [b.module for b in model.backbone.blocks()])
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
-                                  betas=config.adam_betas, eps=config.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-
-    global_step, best_metric, best_step, history = 0, -math.inf, 0, []
-    loss_sum, loss_count = 0.0, 0  # training loss summed since the last evaluation
-    best_in_memory: dict[str, torch.Tensor] | None = None
-    last_checkpoint: Path | None = None
-    if run_dir is not None:
-        ckpt.recover_best(run_dir)
-        last_checkpoint = ckpt.latest_checkpoint(run_dir)
-        if last_checkpoint is not None and not resume:
-            raise CheckpointError(f"{run_dir} already holds a run ({last_checkpoint.name}); resume it "
-                                  "(--resume) or choose another output directory")
-        if last_checkpoint is not None:
-            state = ckpt.load_checkpoint(last_checkpoint, model)
-            _check_same_config(state["config"], config, last_checkpoint)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            if len(state["rng"]) != context.world_size:
-                raise CheckpointError(f"{last_checkpoint} was written by {len(state['rng'])} process(es); resume it "
-                                      f"with as many (now {context.world_size})")
-            ckpt.set_rng_state(state["rng"][context.rank])
-            global_step, best_metric, best_step = state["global_step"], state["best_metric"], state["best_step"]
-            history, (loss_sum, loss_count) = state["history"], state["loss_since_evaluation"]
-
-    def save_resumable() -> Path | None:
-        if run_dir is None:
-            return None
-        rng_states = distributed.gather_objects(ckpt.rng_state(), context)
-        path = None
-        if context.is_main:
-            state = {
-                "global_step": global_step, "epoch": global_step // steps_per_epoch,
-                "position_in_epoch": global_step % steps_per_epoch, "data_order_seed": config.seed,
-                "best_metric": best_metric, "best_step": best_step, "history": history,
-                "loss_since_evaluation": (loss_sum, loss_count),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_states, "config": config.to_dict(),
-            }
-            path = ckpt.save_checkpoint(run_dir, model, state)
-        distributed.barrier(context)
-        return path
-
-    first_step = global_step
-    model.train()
-    trainable = distributed.trainable_parameters(model)
-    progress = tqdm(total=total_steps, initial=global_step, desc=f"{model.method.name} on {task.name}",
-                    unit="step", disable=not (config.progress and context.is_main), dynamic_ncols=True)
-    train_seconds = 0.0
-    order_epoch, order = -1, []
-    while global_step < total_steps:
-        step_start = time.perf_counter()
-        epoch, position = divmod(global_step, steps_per_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(len(train_examples), config.seed, epoch)
-        batch_ids = order[position * global_batch:(position + 1) * global_batch]
-        local_ids = batch_ids[context.rank * local_batch:(context.rank + 1) * local_batch]
-        step_loss = 0.0
-        for start in range(0, local_batch, micro_batch):
-            batch = _to(encoder.batch([train_examples[i] for i in local_ids[start:start + micro_batch]]),
-                        context.device)
-            with _autocast(config, context.device):
-                loss = model(**batch).loss / config.grad_accumulation
-            if not distributed.all_true(bool(torch.isfinite(loss).item()), context):
-                raise TrainingDivergedError(_diverged_message("loss", loss.item(), global_step, last_checkpoint))
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            step_loss += loss.item()
-        if not config.fsdp:  # FSDP reduces the gradients itself
-            distributed.average_gradients(model, context)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if config.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            if not math.isfinite(float(norm)) and scaler is None:
-                raise TrainingDivergedError(_diverged_message("gradient norm", float(norm), global_step,
-                                                              last_checkpoint))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        global_step += 1
-        train_seconds += time.perf_counter() - step_start
-        loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
-        memory, _ = peak_memory(context.device)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                             peak_mem=f"{memory / 2**20:,.0f}MiB", refresh=False)
-        progress.update(1)
-
-        at_epoch_end = global_step % steps_per_epoch == 0
-        evaluate_now = (global_step % config.eval_every == 0 if config.eval_every else at_epoch_end)
-        if evaluate_now or global_step == total_steps:
-            metric = evaluate(model, encoder, task.splits["validation"], config, context)
-            improved = metric > best_metric
-            if improved:
-                best_metric, best_step = metric, global_step
-                if run_dir is None:
-                    best_in_memory = {n: t.detach().clone() for n, t in model.delta_state_dict().items()}
-                elif context.is_main:
-                    ckpt.save_best(run_dir, model)
-            history.append({
-                "step": global_step, "epoch": round(global_step / steps_per_epoch, 4),
-                "train_loss": loss_sum / max(1, loss_count), f"validation_{task.metric}": metric,
-                "learning_rate": scheduler.get_last_lr()[0], "best": improved,
-                "elapsed_s": round(time.perf_counter() - wall_start, 2),
-            })
-            loss_sum, loss_count = 0.0, 0
-            if config.progress and context.is_main:
-                progress.write(f"step {global_step}: validation {task.metric} {metric:.4f}"
-                               + (" (best)" if improved else ""))
-            if run_dir is not None and context.is_main:
-                ckpt.write_atomic_text(run_dir / LOG_NAME, "".join(json.dumps(h) + "\n" for h in history))
-            last_checkpoint = save_resumable() or last_checkpoint
-        elif config.checkpoint_every and global_step % config.checkpoint_every == 0:
-            last_checkpoint = save_resumable() or last_checkpoint
-    progress.close()
-
-    _restore_best(model, run_dir, best_in_memory)
-    test_metric = evaluate(model, encoder, task.splits["test"], config, context)
-    trainable_count, total_count = model.trainable_parameter_count()
-    memory, memory_source = peak_memory(context.device)
-    step_memory = None
-    if config.measure_memory:
-        first_batch = _to(encoder.batch(train_examples[:micro_batch]), context.device)
-        step_memory = measure_step_memory(model, first_batch, config)
-    steps_run = global_step - first_step
-    result = TrainResult(
-        metric=task.metric, best_step=best_step, best_epoch=round(best_step / steps_per_epoch, 4),
-        validation_metric=best_metric, test_metric=test_metric, steps=total_steps,
-        train_seconds=train_seconds, seconds_per_step=train_seconds / max(1, steps_run),
-        wall_seconds=time.perf_counter() - wall_start, peak_memory_bytes=int(memory),
-        peak_memory_source=memory_source, trainable_parameters=trainable_count, total_parameters=total_count,
-        history=history, output_dir=str(run_dir) if run_dir is not None else None, step_memory=step_memory,
-    )
-    if run_dir is not None and context.is_main:
-        ckpt.write_atomic_text(run_dir / RESULTS_NAME, json.dumps(result.to_dict(), indent=2) + "\n")
-    distributed.barrier(context)
-    return result
+        return model, None
+    if context.distributed:
+        return distributed.wrap_ddp(model, context)
+    return model, None
 
 
-def measure_step_memory(model: TunedModel, batch: dict[str, torch.Tensor], config: TrainConfig) -> dict[str, Any]:
-    """Peak tensor memory of one training step on ``batch`` with a fresh AdamW (``leantune.memory``): exact
-    on CPU, the allocator's peak on CUDA. The model's delta is put back afterwards."""
-    from leantune.memory import measure_peak_training_memory, training_step
-
-    saved = {n: t.detach().clone() for n, t in model.delta_state_dict().items()}
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate)
-    was_training = model.training
-    model.train()
-    try:
-        return measure_peak_training_memory(training_step(model, optimizer, batch), model, optimizer)
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for name, target in model.delta_state_dict().items():
-                target.copy_(saved[name])
-
-
-def _restore_best(model: TunedModel, run_dir: Path | None, best_in_memory: dict[str, torch.Tensor] | None) -> None:
-    """Put the best checkpoint's delta back into ``model``."""
-    if run_dir is not None:
-        tensors = load_file(str(run_dir / ckpt.BEST / DELTA_NAME))
-    elif best_in_memory is not None:
-        tensors = best_in_memory
-    else:
+# --- 2. resume ----------------------------------------------------------------------------------------------------
+def resume_run(run: RunState, resume: bool) -> None:
+    """Continue from the run directory's latest checkpoint (``resume``), or refuse to overwrite a run."""
+    assert run.run_dir is not None
+    if run.context.is_main:
+        ckpt.recover_best(run.run_dir)
+    distributed.barrier(run.context)
+    last = ckpt.latest_checkpoint(run.run_dir)
+    if last is not None and not resume:
+        raise CheckpointError(f"{run.run_dir} already holds a run ({last.name}); resume it (--resume) or choose "
+                              "another output directory")
+    if last is None:
         return
-    with torch.no_grad():
-        for name, target in model.delta_state_dict().items():
-            target.copy_(tensors[name])
+    state = ckpt.read_state(last)
+    _check_same_config(state["config"], run.config, last)
+    if len(state["rng"]) != run.context.world_size:
+        raise CheckpointError(f"{last} was written by {len(state['rng'])} process(es); resume it with as many "
+                              f"(now {run.context.world_size})")
+    if ckpt.is_sharded(last):
+        distributed.load_sharded(last / ckpt.SHARDED, run.model, run.optimizer)
+    else:
+        ckpt.load_delta(last, run.model)
+        run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    ckpt.set_rng_state(state["rng"][run.context.rank])
+    run.progress = Progress(**state["progress"])
+    run.last_checkpoint = last
 
 
 def _check_same_config(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
@@ -390,7 +302,160 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _diverged_message(what: str, value: float, step: int, last_checkpoint: Path | None) -> str:
-    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-    return (f"{what} became {value} at step {step + 1}; training stopped ({kept}). "
+# --- 3. one optimizer step ----------------------------------------------------------------------------------------
+def train_step(run: RunState) -> float:
+    """Forward and backward over this process's micro-batches of the next global batch, then one optimizer step.
+
+    Gradients are synchronised once, on the last micro-batch (DDP's ``no_sync`` before it); the method's
+    ``before_optimizer_step`` runs after unscaling and clipping, right before ``optimizer.step()``.
+    """
+    start = time.perf_counter()
+    config, context, progress = run.config, run.context, run.progress
+    local_ids = _local_batch(run)
+    micro_batches = [local_ids[i:i + run.sizes.micro_batch] for i in range(0, len(local_ids), run.sizes.micro_batch)]
+    step_loss = 0.0
+    for number, ids in enumerate(micro_batches, start=1):
+        batch = to_device(run.encoder.batch([run.task.splits["train"][i] for i in ids]), context.device)
+        with distributed.gradient_sync(run.trained, sync=number == len(micro_batches)):
+            with autocast(config, context.device):
+                loss = run.trained(**batch).loss / config.grad_accumulation
+            if not distributed.all_true(bool(torch.isfinite(loss).item()), context):
+                raise TrainingDivergedError(_diverged_message("loss", loss.item(), run))
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        step_loss += loss.item()
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    if config.max_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(distributed.trainable_parameters(run.model), config.max_grad_norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(norm) and run.scaler is None:
+            raise TrainingDivergedError(_diverged_message("gradient norm", norm, run))
+    run.model.method.before_optimizer_step(run.optimizer)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.global_step += 1
+    progress.loss_sum, progress.loss_count = progress.loss_sum + step_loss, progress.loss_count + 1
+    run.steps_run += 1
+    run.train_seconds += time.perf_counter() - start
+    return step_loss
+
+
+def _local_batch(run: RunState) -> list[int]:
+    """The indices of this process's slice of the next global batch (epoch order from (seed, epoch))."""
+    epoch, position = divmod(run.progress.global_step, run.sizes.steps_per_epoch)
+    if run.order[0] != epoch:
+        run.order = (epoch, epoch_order(len(run.task.splits["train"]), run.config.seed, epoch))
+    sizes = run.sizes
+    batch_ids = run.order[1][position * sizes.global_batch:(position + 1) * sizes.global_batch]
+    return batch_ids[run.context.rank * sizes.local_batch:(run.context.rank + 1) * sizes.local_batch]
+
+
+def _diverged_message(what: str, value: float, run: RunState) -> str:
+    last = run.last_checkpoint
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    return (f"{what} became {value} at step {run.progress.global_step + 1}; training stopped ({kept}). "
             "Lower the learning rate, or train in fp32.")
+
+
+# --- 4. evaluate --------------------------------------------------------------------------------------------------
+def validate(run: RunState) -> tuple[float, bool]:
+    """``(validation metric, improved)``; an improvement becomes the best delta (``best/`` or kept in memory)."""
+    progress = run.progress
+    metric = evaluate(run.model, run.encoder, run.task.splits["validation"], run.config, run.context)
+    improved = metric > progress.best_metric
+    if improved:
+        progress.best_metric, progress.best_step = metric, progress.global_step
+        _keep_best(run)
+    progress.history.append({
+        "step": progress.global_step, "epoch": round(progress.global_step / run.sizes.steps_per_epoch, 4),
+        "train_loss": progress.loss_sum / max(1, progress.loss_count), f"validation_{run.task.metric}": metric,
+        "learning_rate": run.scheduler.get_last_lr()[0], "best": improved,
+        "elapsed_s": round(time.perf_counter() - run.wall_start, 2),
+    })
+    progress.loss_sum, progress.loss_count = 0.0, 0
+    if run.run_dir is not None and run.context.is_main:
+        write_atomic_text(run.run_dir / LOG_NAME, "".join(json.dumps(h) + "\n" for h in progress.history))
+    return metric, improved
+
+
+def _keep_best(run: RunState) -> None:
+    if run.run_dir is None:
+        run.best_in_memory = {n: t.detach().clone() for n, t in run.model.delta_state_dict().items()}
+    elif run.sharded:
+        tensors = distributed.gathered_delta(run.model, keep=run.context.is_main)
+        if run.context.is_main:
+            ckpt.save_best(run.run_dir, run.model, tensors)
+    elif run.context.is_main:
+        ckpt.save_best(run.run_dir, run.model)
+
+
+# --- 5. checkpoint ------------------------------------------------------------------------------------------------
+def checkpoint(run: RunState) -> None:
+    """A resumable checkpoint of the run (with a run directory): rank 0 writes it, or, under FSDP, every process
+    writes its shards through ``torch.distributed.checkpoint`` and rank 0 the rest."""
+    if run.run_dir is None:
+        return
+    context, step = run.context, run.progress.global_step
+    state = {
+        "global_step": step, "progress": asdict(run.progress), "epoch": step // run.sizes.steps_per_epoch,
+        "position_in_epoch": step % run.sizes.steps_per_epoch, "data_order_seed": run.config.seed,
+        "scheduler": run.scheduler.state_dict(), "config": run.config.to_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": distributed.gather_objects(ckpt.rng_state(), context),
+    }
+    if run.sharded:
+        tmp = run.run_dir / ckpt.CHECKPOINTS / f".tmp-step-{step:06d}"
+        if context.is_main:
+            ckpt.begin_checkpoint(run.run_dir, step)
+        distributed.barrier(context)
+        distributed.save_sharded(tmp / ckpt.SHARDED, run.model, run.optimizer)
+        distributed.barrier(context)
+        if context.is_main:
+            ckpt.write_state(tmp, state)
+            ckpt.commit_checkpoint(run.run_dir, tmp, step)
+    elif context.is_main:
+        ckpt.save_checkpoint(run.run_dir, run.model, {**state, "optimizer": run.optimizer.state_dict()})
+    distributed.barrier(context)
+    run.last_checkpoint = run.run_dir / ckpt.CHECKPOINTS / f"step-{step:06d}"
+
+
+# --- 6. finish ----------------------------------------------------------------------------------------------------
+def finish(run: RunState) -> TrainResult:
+    """Put the best delta back, score it on the test split, and write ``results.json``."""
+    _restore_best(run)
+    context, progress, sizes = run.context, run.progress, run.sizes
+    test_metric = evaluate(run.model, run.encoder, run.task.splits["test"], run.config, context)
+    trainable, total = run.model.trainable_parameter_count()
+    memory, memory_source = peak_memory(context.device)
+    step_memory = None
+    if run.config.measure_memory and not run.sharded:
+        first_batch = run.encoder.batch(run.task.splits["train"][:sizes.micro_batch])
+        step_memory = measure_step_memory(run.model, to_device(first_batch, context.device), run.config)
+    result = TrainResult(
+        metric=run.task.metric, best_step=progress.best_step,
+        best_epoch=round(progress.best_step / sizes.steps_per_epoch, 4), validation_metric=progress.best_metric,
+        test_metric=test_metric, steps=sizes.total_steps, train_seconds=run.train_seconds,
+        seconds_per_step=run.train_seconds / max(1, run.steps_run),
+        wall_seconds=time.perf_counter() - run.wall_start, peak_memory_bytes=int(memory),
+        peak_memory_source=memory_source, trainable_parameters=trainable, total_parameters=total,
+        history=progress.history, output_dir=str(run.run_dir) if run.run_dir is not None else None,
+        step_memory=step_memory, communication=distributed.communication_summary(run.comm_state),
+    )
+    if run.run_dir is not None and context.is_main:
+        write_atomic_text(run.run_dir / RESULTS_NAME, json.dumps(result.to_dict(), indent=2) + "\n")
+    distributed.barrier(context)
+    return result
+
+
+def _restore_best(run: RunState) -> None:
+    """Put the best checkpoint's delta back into the model (every process reads ``best/``, or its memory copy)."""
+    best_file = run.run_dir / ckpt.BEST / DELTA_NAME if run.run_dir is not None else None
+    if best_file is not None and best_file.is_file():
+        distributed.set_delta(run.model, load_file(str(best_file)))
+    elif run.best_in_memory is not None:
+        distributed.set_delta(run.model, run.best_in_memory)

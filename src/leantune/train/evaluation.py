@@ -1,0 +1,86 @@
+"""Scoring a tuned model on a split, and measuring what training costs (precision, peak memory)."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+from typing import Any
+
+import torch
+
+from leantune.api import TunedModel
+from leantune.errors import ConfigError
+from leantune.tasks.core import Example
+from leantune.train import distributed
+from leantune.train.config import TrainConfig
+from leantune.train.data import Encoder, to_device
+
+
+def autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of ``config.precision`` (none for fp32)."""
+    if config.precision == "fp32":
+        return contextlib.nullcontext()
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("TrainConfig.precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
+
+
+def evaluate(
+    model: TunedModel,
+    encoder: Encoder,
+    examples: list[Example],
+    config: TrainConfig,
+    context: distributed.DistContext | None = None,
+) -> float:
+    """The task metric on ``examples``; under torchrun each process scores a slice and the slices are gathered.
+
+    A sharded (FSDP) model gathers parameters in every forward, so there every process runs the same number of
+    batches (the shorter slices are padded and the padding is dropped) and generation is synchronised.
+    """
+    context = context or distributed.DistContext(device=next(model.parameters()).device)
+    sharded = distributed.is_sharded(model)
+    indices = list(range(context.rank, len(examples), context.world_size))
+    real = len(indices)
+    if sharded:
+        indices += [indices[0] if indices else 0] * (-(-len(examples) // context.world_size) - real)
+    predictions: list[int | float] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast(config, context.device):
+        for start in range(0, len(indices), config.eval_batch_size):
+            chunk = [examples[i] for i in indices[start:start + config.eval_batch_size]]
+            inputs = to_device(encoder.inputs(chunk), context.device)
+            predictions += encoder.predictions(model, inputs, synced_gpus=sharded)
+    model.train(was_training)
+    by_index: dict[int, int | float] = {}
+    for rank_indices, rank_predictions in distributed.gather_objects((indices[:real], predictions[:real]), context):
+        by_index.update(zip(rank_indices, rank_predictions))
+    ordered = [by_index[i] for i in range(len(examples))]
+    return encoder.task.score(ordered, [e.label for e in examples])
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak memory so far: allocated CUDA memory on a GPU, else the process's maximum resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "max_rss"
+
+
+def measure_step_memory(model: TunedModel, batch: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """Peak tensor memory of one training step on ``batch`` with a fresh AdamW (``leantune.memory``): exact
+    on CPU, the allocator's peak on CUDA. The model's delta is put back afterwards."""
+    from leantune.memory import measure_peak_training_memory, training_step
+
+    saved = {n: t.detach().clone() for n, t in model.delta_state_dict().items()}
+    optimizer = torch.optim.AdamW(model.method.parameter_groups(model, config.weight_decay), lr=config.learning_rate)
+    was_training = model.training
+    model.train()
+    try:
+        return measure_peak_training_memory(training_step(model, optimizer, batch), model, optimizer)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, target in model.delta_state_dict().items():
+                target.copy_(saved[name])
