@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from leantune.cli import main
-
-METHODS = "full,bitfit,lora,adapter,lst,fish"
+from leantune.commands.compare import DEFAULT_METHODS as METHODS
 
 
 def run() -> int:

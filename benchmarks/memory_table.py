@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from leantune.cli import main as leantune_main
+from leantune.files import write_atomic_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COMPARISON = {"model": "t5-small", "batch_size": 4}
@@ -44,9 +44,7 @@ def compare_estimate_with_measurement() -> None:
             "relative_difference": (estimated - measured["peak_bytes"]) / measured["peak_bytes"],
         }
     path = RESULTS / f"estimate_vs_measure_{COMPARISON['model']}_b{COMPARISON['batch_size']}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"setting": results["measure"]["setting"], "methods": rows}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic_text(path, json.dumps({"setting": results["measure"]["setting"], "methods": rows}, indent=2) + "\n")
     for name, row in rows.items():
         print(f"{name:<10} measured {row['measured_bytes']:>14,d}  estimated {row['estimated_bytes']:>14,d}  "
               f"{100 * row['relative_difference']:+.4f}%")

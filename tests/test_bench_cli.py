@@ -66,9 +66,11 @@ def test_speed_json(capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["memory", "--methods", "full,nope"], "--methods: unknown row(s) nope"),
+        (["memory", "--methods", "full,nope"], "--methods: unknown row or method 'nope'; rows: full, adapter"),
         (["memory", "--batch-size", "0"], "--batch-size must be > 0"),
         (["memory", "--device", "cuda:0"], "--device"),
+        (["memory", "--mode", "measure", "--device", "tpu"], "--device: 'tpu'"),
+        (["speed", "--device", "nonsense"], "--device: 'nonsense' is not a device"),
         (["speed", "--rounds", "0"], "--rounds must be > 0"),
     ],
 )

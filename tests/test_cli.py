@@ -7,10 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-import transformers as hf
 import yaml
 
+import leantune
 from leantune.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -18,15 +17,9 @@ REVIEWS = FIXTURES / "local" / "reviews.csv"
 FAST = ["--no-progress", "--no-measure-memory", "--batch-size", "4", "--epochs", "2", "--max-length", "24"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random BERT encoder (no head) with a byte-level tokenizer, saved like a hub model."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    hf.BertModel(hf.BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
-    hf.ByT5Tokenizer().save_pretrained(path)
-    return path
+@pytest.fixture
+def model_dir(tiny_bert_dir: Path) -> Path:
+    return tiny_bert_dir
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
@@ -72,8 +65,22 @@ def test_inspect_shows_insertion_points_and_delta_table(model_dir: Path, capsys)
                            "reduction_factor=8")
     assert code == 0
     assert "family bert" in out
-    assert "base_model.bert.encoder.layer.1.output.dense.branches: ModuleDict" in out
+    assert "base_model.bert.encoder.layer.1.output.dense.branches.adapter: BottleneckAdapter" in out
     assert "adapter.down.weight" in out and "trainable%" in out
+    facts = out[out.index("method facts:"):out.index("insertion points")]
+    method = leantune.get_method("adapter")(leantune.make_config("adapter", reduction_factor=8))
+    assert "mergeable: no (" in facts and "needs data at wrap: no" in facts
+    assert f"default learning rate: {method.default_learning_rate:g}" in facts
+    inputs = method.declared_inputs()
+    assert all(f"{i.name} ({'required' if i.required else 'optional'}: {i.help})" in facts for i in inputs)
+    assert ("per-call inputs: none" in facts) == (not inputs)
+
+
+def test_inspect_shows_facts_of_a_mergeable_method(model_dir: Path, capsys) -> None:
+    code, out, _ = run_cli(capsys, "inspect", "--model", model_dir, "--method", "lora")
+    assert code == 0
+    assert "mergeable: yes" in out
+    assert "base_model.bert.encoder.layer.0.attention.self.query.branches.lora: LoRABranch" in out
 
 
 def test_compare_trains_each_method_and_writes_table_json_and_png(tmp_path: Path, model_dir: Path, capsys) -> None:
@@ -103,6 +110,12 @@ def _empty_file(tmp_path: Path) -> Path:
     return path
 
 
+def _config(tmp_path: Path, values: object) -> Path:
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
 @pytest.mark.parametrize("args,message", [
     (lambda t: ["--data", t / "missing.csv"], r"data file .*missing\.csv does not exist"),
     (lambda t: ["--data", REVIEWS, "--label-column", "stars"], r"reviews\.csv has no column 'stars'"),
@@ -113,6 +126,17 @@ def _empty_file(tmp_path: Path) -> Path:
     (lambda t: ["--data", REVIEWS, "--method", "nope"], r"unknown method 'nope'"),
     (lambda t: ["--data", REVIEWS, "--method", "lora", "--set", "rank=4"], r"unknown option\(s\) 'rank'"),
     (lambda t: ["--data", REVIEWS, "--method", "lora", "--set", "r=0"], r"LoRAConfig\.r must be > 0"),
+    (lambda t: ["--data", REVIEWS, "--method", "lora", "--set", "r=abc"],
+     r"LoRAConfig\.r must be an integer, got 'abc'"),
+    (lambda t: ["--data", REVIEWS, "--set", "r"], r"--set expects KEY=VALUE, got 'r'"),
+    (lambda t: ["--config", _config(t, {"modell": "x"})], r"unknown option\(s\) 'modell' for the run settings"),
+    (lambda t: ["--config", _config(t, {"options": 5})], r"RunSpec\.options must be a mapping, got 5"),
+    (lambda t: ["--config", _config(t, ["model"])], r"settings\.yaml must hold a mapping of settings, got list"),
+    (lambda t: ["--config", _config(t, {"data": {"data": str(REVIEWS), "colour": "x"}})],
+     r"unknown option\(s\) 'colour' for the run's data settings"),
+    (lambda t: ["--config", _config(t, {"train": {"learning_rat": 1}})],
+     r"unknown option\(s\) 'learning_rat' for the training settings"),
+    (lambda t: ["--text-column", "review"], r"--text-column needs --data"),
     (lambda t: ["--data", REVIEWS, "--batch-size", "0"], r"TrainConfig\.batch_size must be > 0"),
     (lambda t: ["--config", t / "missing.yaml"], r"config file .*missing\.yaml does not exist"),
     (lambda t: ["--data", REVIEWS, "--model", "no-such-org/no-such-model"],
@@ -130,9 +154,27 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path: Path, model_dir: 
     assert not (tmp_path / "run").exists()
 
 
-def test_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:
-    code, _, err = run_cli(capsys, "--debug", "train", "--data", tmp_path / "missing.csv", *FAST)
-    assert code == 2 and "Traceback (most recent call last)" in err
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(tmp_path: Path, capsys, where: str) -> None:
+    argv = ["train", "--data", tmp_path / "missing.csv", *FAST]
+    code, _, err = run_cli(capsys, *(["--debug", *argv] if where == "before" else [*argv, "--debug"]))
+    assert code == 2 and "Traceback (most recent call last)" in err and "DataError" in err
+
+
+def test_debug_after_a_nested_sub_command(capsys) -> None:
+    code, _, err = run_cli(capsys, "bench", "memory", "--batch-size", "0", "--debug")
+    assert code == 2 and "Traceback (most recent call last)" in err and "ConfigError" in err
+
+
+def test_a_bug_prints_its_traceback_and_exits_1(tmp_path: Path, capsys, monkeypatch) -> None:
+    def broken(args) -> int:
+        return {}["no such key"]
+
+    monkeypatch.setattr("leantune.commands.eval.run", broken)
+    code, _, err = run_cli(capsys, "eval", tmp_path)
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "KeyError: 'no such key'" in err
+    assert err.strip().splitlines()[-1].startswith("leantune eval: internal error (a bug")
 
 
 def test_eval_of_a_directory_that_is_not_a_run(tmp_path: Path, capsys) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import transformers as hf
@@ -9,8 +11,11 @@ import transformers as hf
 import leantune
 from leantune.errors import LeantuneError
 from leantune.memory import (
+    MIN_TRACKER_TORCH,
+    TrackerUnavailableError,
     estimate_peak_training_memory,
     measure_peak_training_memory,
+    tracker_unavailable_reason,
     training_step,
 )
 
@@ -114,3 +119,29 @@ def test_cuda_measurement_reads_the_allocator_peak():
     stats = measure_peak_training_memory(step, model, optimizer)
     assert stats["source"] == "cuda" and stats["breakdown"] is None
     assert stats["peak_bytes"] >= sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("break_torch", ["old_version", "no_module", "changed_internals"])
+def test_unavailable_tracker_is_a_clear_error(monkeypatch, break_torch):
+    from torch.distributed._tools import mem_tracker
+
+    assert tracker_unavailable_reason() is None
+    if break_torch == "old_version":
+        monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
+    elif break_torch == "no_module":
+        monkeypatch.setitem(sys.modules, "torch.distributed._tools.mem_tracker", None)
+    else:
+        monkeypatch.delattr(mem_tracker.MemTracker, "_update_peak_stats")
+    found = torch.__version__
+    message = f"the CPU memory tracker needs torch >= {'.'.join(map(str, MIN_TRACKER_TORCH))}"
+    assert tracker_unavailable_reason().startswith(f"{message} built with torch.distributed (found {found})")
+    steps = []
+    step, model, optimizer = setup("lora")
+    with pytest.raises(TrackerUnavailableError, match=message) as raised:
+        measure_peak_training_memory(lambda: steps.append(step()), model, optimizer)
+    assert isinstance(raised.value, LeantuneError)
+    assert not steps, "nothing runs before the tracker is checked"
+    with pytest.raises(TrackerUnavailableError, match=message):
+        estimate_peak_training_memory(lambda: setup("lora"))
+    if break_torch == "changed_internals":
+        assert "MemTracker._update_peak_stats" in str(raised.value)

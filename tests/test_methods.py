@@ -1,30 +1,69 @@
-"""Every baseline method on every family: freezing, training, identity at init, save/load, merge."""
+"""Every built-in method on every family, from the registry and the methods' facts: freezing, training, identity
+at init, save/load, merge where ``mergeable``, refusal where ``unsupported_reason`` says so, generation."""
 
 from __future__ import annotations
 
 import copy
+import functools
+from typing import Any
 
 import pytest
 import torch
-from tiny import FAMILIES, GENERATIVE_FAMILIES, TEXT_FAMILIES, main_output, make_inputs, make_model
+from tiny import FAMILIES, GENERATIVE_FAMILIES, main_output, make_inputs, make_model
 
 import leantune
+from leantune.backbones import Backbone, resolve
 from leantune.errors import UnsupportedMethodError
+from leantune.methods.base import TuningMethod
+from leantune.registry import get_method, is_builtin
 
-BASELINES = ("full", "bitfit", "layernorm", "lora", "adapter", "prompt")
-MERGEABLE = ("full", "bitfit", "layernorm", "lora")
-IDENTITY_AT_INIT = ("full", "bitfit", "layernorm", "lora", "adapter")
+# What the facts do not say, per method: options that make a case fast or fit tiny models (FISH's default 0.5%
+# of ~25k parameters is less than a task head), the per-call inputs to pass where the method's config requires
+# some.
+TEST_OPTIONS: dict[str, dict[str, Any]] = {"lst": {"init": "random"}, "fish": {"keep_ratio": 0.2}}
+CALL_INPUTS: dict[str, dict[str, Any]] = {}
+METHODS = [m for m in leantune.methods() if is_builtin(m)]
+IDENTITY_AT_INIT = {m for m in METHODS if get_method(m).identity_at_init}
 
 
-def supported(method: str, family: str) -> bool:
-    return method != "prompt" or family in TEXT_FAMILIES
+def method_instance(method: str, **options: Any) -> TuningMethod:
+    return get_method(method)(leantune.make_config(method, **{**TEST_OPTIONS.get(method, {}), **options}))
 
 
-CASES = [(m, f) for m in BASELINES for f in FAMILIES if supported(m, f)]
+@functools.cache
+def backbone(family: str) -> Backbone:
+    return resolve(make_model(family))
 
 
-def wrapped(method: str, family: str, **options) -> leantune.TunedModel:
-    return leantune.wrap(make_model(family), leantune.make_config(method, **options))
+def unsupported_reason(method: str, family: str) -> str | None:
+    return method_instance(method).unsupported_reason(backbone(family))
+
+
+CASES = [(m, f) for m in METHODS for f in FAMILIES if unsupported_reason(m, f) is None]
+REFUSED = [(m, f) for m in METHODS for f in FAMILIES if unsupported_reason(m, f) is not None]
+
+
+def data_batches(family: str) -> list[dict[str, torch.Tensor]]:
+    """Task batches for methods that initialise from data (``needs_data``)."""
+    return [make_inputs(family, seed=seed) for seed in (11, 12)]
+
+
+def wrapped(method: str, family: str, base: torch.nn.Module | None = None, **options: Any) -> leantune.TunedModel:
+    """``method`` (its test options, then ``options``) on ``base`` or a fresh tiny ``family`` model."""
+    options = {**TEST_OPTIONS.get(method, {}), **options}
+    data = data_batches(family) if method_instance(method, **options).needs_data() else None
+    return leantune.wrap(make_model(family) if base is None else base, leantune.make_config(method, **options),
+                         data=data)
+
+
+def inputs_for(tuned: leantune.TunedModel, family: str, seed: int = 1) -> dict[str, Any]:
+    """``make_inputs`` plus the per-call inputs the method requires with this config."""
+    method = tuned.method.name
+    required = [i.name for i in tuned.method.declared_inputs() if i.required]
+    missing = [name for name in required if name not in CALL_INPUTS.get(method, {})]
+    if missing:
+        pytest.fail(f"method {method!r} requires per-call inputs {missing}: give test values in CALL_INPUTS")
+    return {**make_inputs(family, seed=seed), **CALL_INPUTS.get(method, {})}
 
 
 def train_steps(tuned: leantune.TunedModel, family: str, steps: int = 3) -> None:
@@ -32,10 +71,22 @@ def train_steps(tuned: leantune.TunedModel, family: str, steps: int = 3) -> None
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     tuned.train()
     for step in range(steps):
-        loss = tuned(**make_inputs(family, seed=step)).loss
+        loss = tuned(**inputs_for(tuned, family, seed=step)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def test_the_matrix_covers_the_built_in_methods() -> None:
+    assert {"full", "bitfit", "layernorm", "lora", "adapter", "prompt", "lst", "fish"} <= set(METHODS)
+    assert all(any(m == method for m, _ in CASES) for method in METHODS), "a method supports no family"
+
+
+@pytest.mark.parametrize("method,family", REFUSED)
+def test_unsupported_pairs_are_refused_by_wrap(method: str, family: str) -> None:
+    with pytest.raises(UnsupportedMethodError, match=f"method '{method}' cannot be applied") as refused:
+        wrapped(method, family)
+    assert unsupported_reason(method, family) in str(refused.value)
 
 
 @pytest.mark.parametrize("method,family", CASES)
@@ -61,10 +112,11 @@ def test_only_method_parameters_change(method: str, family: str) -> None:
 @pytest.mark.parametrize("method,family", [c for c in CASES if c[0] in IDENTITY_AT_INIT])
 def test_identity_at_init(method: str, family: str) -> None:
     base = make_model(family).eval()
-    tuned = leantune.wrap(copy.deepcopy(base), leantune.make_config(method)).eval()
-    inputs = make_inputs(family)
+    tuned = wrapped(method, family, base=copy.deepcopy(base)).eval()
+    inputs = inputs_for(tuned, family)
     with torch.no_grad():
-        torch.testing.assert_close(main_output(tuned(**inputs)), main_output(base(**inputs)), rtol=0, atol=1e-6)
+        expected = main_output(base(**make_inputs(family)))
+        torch.testing.assert_close(main_output(tuned(**inputs)), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("method,family", CASES)
@@ -77,58 +129,55 @@ def test_save_load_round_trip(method: str, family: str, tmp_path) -> None:
 
     assert (tmp_path / "leantune_config.json").is_file() and (tmp_path / "delta.safetensors").is_file()
     assert set(restored.delta_state_dict()) == set(tuned.delta_state_dict())
-    inputs = make_inputs(family, seed=9)
+    inputs = inputs_for(tuned, family, seed=9)
     tuned.eval(), restored.eval()
     with torch.no_grad():
         assert torch.equal(main_output(restored(**inputs)), main_output(tuned(**inputs)))
 
 
-@pytest.mark.parametrize("method,family", [c for c in CASES if c[0] in MERGEABLE])
+@pytest.mark.parametrize("method,family", [c for c in CASES if get_method(c[0]).mergeable])
 def test_merge_matches_unmerged(method: str, family: str) -> None:
     tuned = wrapped(method, family)
     train_steps(tuned, family, steps=2)
     tuned.eval()
-    inputs = make_inputs(family, seed=5)
+    inputs = inputs_for(tuned, family, seed=5)
     with torch.no_grad():
         expected = main_output(tuned(**inputs))
         merged = tuned.merge()
         assert type(merged).__module__.startswith("transformers.")
-        assert not any(n.endswith((".lora.A.weight", ".lora.B.weight")) for n, _ in merged.named_parameters())
-        torch.testing.assert_close(main_output(merged(**inputs)), expected, rtol=0, atol=1e-5)
+        assert not any(".branches" in name for name, _ in merged.named_modules())
+        torch.testing.assert_close(main_output(merged(**make_inputs(family, seed=5))), expected, rtol=0, atol=1e-5)
     with pytest.raises(UnsupportedMethodError, match="merged"):
         tuned(**inputs)
 
 
-@pytest.mark.parametrize("method", ["adapter", "prompt"])
+@pytest.mark.parametrize("method", [m for m in METHODS if not get_method(m).mergeable])
 def test_merge_refused_where_inexact(method: str) -> None:
-    tuned = wrapped(method, "bert")
+    family = next(f for m, f in CASES if m == method)
+    tuned = wrapped(method, family)
     with pytest.raises(UnsupportedMethodError, match=f"method '{method}' cannot be merged"):
         tuned.merge()
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in TEXT_FAMILIES])
-def test_prompt_refused_without_token_input(family: str) -> None:
-    with pytest.raises(UnsupportedMethodError, match="prompt tuning"):
-        wrapped("prompt", family)
-
-
-@pytest.mark.parametrize("method", ["lora", "prompt", "adapter"])
-@pytest.mark.parametrize("family", GENERATIVE_FAMILIES)
+@pytest.mark.parametrize("method,family", [c for c in CASES if c[1] in GENERATIVE_FAMILIES])
 def test_generate(method: str, family: str) -> None:
     tuned = wrapped(method, family).eval()
-    inputs = make_inputs(family)
+    inputs = inputs_for(tuned, family)
     tokens = tuned.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                            max_new_tokens=3, do_sample=False)
+                            max_new_tokens=3, do_sample=False, **CALL_INPUTS.get(method, {}))
     assert tokens.shape[0] == 2 and tokens.dtype == torch.long
 
 
-def test_lora_generate_equals_base_at_init() -> None:
+@pytest.mark.parametrize("method", sorted(IDENTITY_AT_INIT & set(METHODS)))
+def test_generate_equals_base_at_init(method: str) -> None:
+    if unsupported_reason(method, "t5") is not None:
+        pytest.skip(unsupported_reason(method, "t5"))
     base = make_model("t5").eval()
-    tuned = leantune.wrap(copy.deepcopy(base), leantune.LoRAConfig()).eval()
+    tuned = wrapped(method, "t5", base=copy.deepcopy(base)).eval()
     inputs = make_inputs("t5")
     kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=4,
                   do_sample=False)
-    assert torch.equal(tuned.generate(**kwargs), base.generate(**kwargs))
+    assert torch.equal(tuned.generate(**kwargs, **CALL_INPUTS.get(method, {})), base.generate(**kwargs))
 
 
 def test_prompt_extends_mask_and_labels() -> None:

@@ -13,7 +13,7 @@ from leantune.methods.layernorm import LayerNormConfig  # noqa: E402
 from leantune.methods.lora import LoRAConfig  # noqa: E402
 from leantune.methods.lst import LSTConfig  # noqa: E402
 from leantune.methods.prompt import PromptConfig  # noqa: E402
-from leantune.registry import make_config, methods  # noqa: E402
+from leantune.registry import get_method, make_config, methods, register  # noqa: E402
 from leantune.train.config import TrainConfig  # noqa: E402
 from leantune.train.loop import TrainResult, train  # noqa: E402
 
@@ -32,9 +32,11 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TunedModel",
+    "get_method",
     "load",
     "make_config",
     "methods",
+    "register",
     "supported_families",
     "train",
     "wrap",

@@ -12,7 +12,9 @@ libraries or allocator slack.
   The tracker sees the same storages, so the estimate equals the CPU measurement up to a few kilobytes.
 
 Both return a small dict of stats (see :func:`memory_stats`). ``MemTracker`` is a private torch API
-(``torch.distributed._tools``); it is used as of torch 2.13.
+(``torch.distributed._tools``, since torch 2.5; leantune is tested with torch 2.13): :func:`tracker_unavailable_reason`
+checks at run time that it is there with the parts leantune uses, and both functions raise
+:class:`TrackerUnavailableError` saying so when it is not. CUDA measurements do not need it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from leantune.errors import LeantuneError
+from leantune.errors import ConfigError, LeantuneError
+
+MIN_TRACKER_TORCH = (2, 5)
+# The MemTracker internals leantune's PeakMemoryTracker overrides or calls.
+TRACKER_INTERNALS = ("_track_module_params_and_buffers", "_update_and_maybe_create_winfos", "_update_peak_stats",
+                     "track_external", "get_tracker_snapshot")
 
 StepFn = Callable[[], Any]
 TrainingSetup = tuple[StepFn, nn.Module, torch.optim.Optimizer]
@@ -41,6 +48,44 @@ CATEGORY_NAMES = {
     "Temp": "temporaries",
     "Other": "other",
 }
+
+
+class TrackerUnavailableError(LeantuneError, RuntimeError):
+    """This torch has no usable CPU memory tracker (``torch.distributed._tools.mem_tracker.MemTracker``)."""
+
+
+def tracker_unavailable_reason() -> str | None:
+    """Why the CPU memory tracker (CPU measurement and the estimate) cannot run with this torch, or ``None``."""
+    found = torch.__version__
+    needs = f"the CPU memory tracker needs torch >= {'.'.join(map(str, MIN_TRACKER_TORCH))} built with " \
+            f"torch.distributed (found {found})"
+    if _version_tuple(found) < MIN_TRACKER_TORCH:
+        return f"{needs}: measure on CUDA instead, or install a newer torch"
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError as err:
+        return f"{needs}: torch.distributed._tools.mem_tracker cannot be imported ({err})"
+    missing = [name for name in TRACKER_INTERNALS if not hasattr(MemTracker, name)]
+    if missing or not hasattr(torch.utils, "swap_tensors"):
+        lacking = ", ".join(f"MemTracker.{name}" for name in missing) or "torch.utils.swap_tensors"
+        return f"{needs}: this torch lacks {lacking} (a private API that changed); measure on CUDA instead"
+    return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"2.13.0+cpu"`` -> ``(2, 13, 0)``; parts that are not numbers end the tuple."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
+
+
+def _require_tracker() -> None:
+    reason = tracker_unavailable_reason()
+    if reason is not None:
+        raise TrackerUnavailableError(reason)
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> StepFn:
@@ -78,7 +123,7 @@ def measure_peak_training_memory(
     one holding the model's parameters: CUDA reads ``torch.cuda.max_memory_allocated``, CPU uses the tracker.
     """
     if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}")
     device = _device_of(model)
     if device.type == "cuda":
         for _ in range(warmup_steps):
@@ -89,7 +134,8 @@ def measure_peak_training_memory(
         torch.cuda.synchronize(device)
         return memory_stats(torch.cuda.max_memory_allocated(device), None, device, "cuda")
     if device.type != "cpu":
-        raise LeantuneError(f"peak memory can be measured on cpu or cuda, not on {device.type}")
+        raise ConfigError(f"peak memory can be measured on cpu or cuda, not on {device.type}")
+    _require_tracker()
     return _tracked_peak(step_fn, model, optimizer, warmup_steps, source="tracker")
 
 
@@ -97,6 +143,7 @@ def estimate_peak_training_memory(setup: Callable[[], TrainingSetup], warmup_ste
     """Estimate :func:`measure_peak_training_memory` without allocating: ``setup()`` builds the model, the
     optimizer and the inputs and returns ``(step_fn, model, optimizer)``; it runs under ``FakeTensorMode``,
     so every tensor it creates (on CPU) is fake. Takes seconds even for batch 100 on T5-base."""
+    _require_tracker()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(), _fake_parameter_conversion():
@@ -146,7 +193,7 @@ def _tracked_peak(
     device = _device_of(model)
     per_device = next((snap for dev, snap in snapshot.items() if torch.device(dev).type == device.type), None)
     if per_device is None:
-        raise LeantuneError(f"the memory tracker saw no tensor on {device}; does step_fn run the model?")
+        raise ConfigError(f"the memory tracker saw no tensor on {device}; does step_fn run the model?")
     breakdown = {CATEGORY_NAMES[str(getattr(k, "value", k))]: v for k, v in per_device.items() if k != "Total"}
     return memory_stats(per_device["Total"], breakdown, device, source)
 
@@ -154,16 +201,15 @@ def _tracked_peak(
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     if param is None:
-        raise LeantuneError(f"{type(model).__name__} has no parameters to place it on a device")
+        raise ConfigError(f"{type(model).__name__} has no parameters to place it on a device")
     return param.device
 
 
 def _make_tracker() -> Any:
-    """torch's MemTracker, adapted: grad hooks only on parameters that train, and only the global peak kept."""
-    try:
-        from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
-    except ImportError as err:  # torch built without torch.distributed
-        raise LeantuneError(f"measuring CPU memory needs torch.distributed._tools.mem_tracker ({err})") from None
+    """torch's MemTracker, adapted: grad hooks only on parameters that train, and only the global peak kept.
+
+    Callers check :func:`tracker_unavailable_reason` first."""
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
     class PeakMemoryTracker(MemTracker):
         """Stock MemTracker hooks every parameter for its gradient, which fails on a frozen one ("cannot register

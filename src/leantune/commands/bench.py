@@ -4,13 +4,15 @@
 architecture with random weights, batch 100, source length 128, target length 3, fp32, AdamW, one row per
 method in the paper's settings, plus peft's LoRA on the same setting. ``bench speed`` times training steps of
 full fine-tuning, LoRA and LST on a model small enough for a CPU, interleaving the methods round by round.
+``--methods`` takes those rows or the name of any registered method (plugins included), run with its default
+options; a row whose method cannot attach to T5 (its ``unsupported_reason``) is skipped from the default list and
+refused when named.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -23,8 +25,10 @@ import torch
 from torch import nn
 
 import leantune
+from leantune.backbones import Backbone, resolve
 from leantune.config import MethodConfig
-from leantune.errors import LeantuneError, UnsupportedMethodError
+from leantune.errors import ConfigError, LeantuneError, UnsupportedMethodError
+from leantune.files import write_atomic
 from leantune.memory import (
     TrainingSetup,
     estimate_peak_training_memory,
@@ -131,7 +135,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _add_common_options(parser: argparse.ArgumentParser, model: str, batch: int, methods: str) -> None:
     parser.add_argument("--model", choices=tuple(T5_SIZES), default=model,
                         help=f"T5 architecture, random weights (default: {model}).")
-    parser.add_argument("--methods", default=methods, help=f"Comma-separated rows among {', '.join(VARIANTS)} "
+    parser.add_argument("--methods", default=methods, help=f"Comma-separated rows: the paper's settings "
+                        f"{', '.join(VARIANTS)}, or any registered method name (its default options) "
                         f"(default: {methods}). Full fine-tuning is always run: it is the baseline.")
     parser.add_argument("--batch-size", type=int, default=batch, help=f"Examples per step (default: {batch}).")
     parser.add_argument("--source-length", type=int, default=128, help="Encoder tokens per example.")
@@ -149,39 +154,57 @@ def _add_common_options(parser: argparse.ArgumentParser, model: str, batch: int,
 
 
 # --- building one training setup ------------------------------------------------------------------------------
-def _variant_names(spec: str, default: str) -> tuple[list[str], dict[str, str]]:
-    """Rows to run, full first, and rows of the default list skipped because a dependency is missing."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise ValueError(f"--methods: unknown row(s) {', '.join(unknown)}; choose among {', '.join(VARIANTS)}")
+def resolve_row(name: str) -> Variant:
+    """The row ``name``: one of the paper's settings (:data:`VARIANTS`), else a registered method with its
+    default options, so a new method is benchmarked without editing this file."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if name in leantune.methods():
+        return Variant(name, f"{name}, default options", lambda n: leantune.make_config(name))
+    raise ConfigError(f"--methods: unknown row or method {name!r}; rows: {', '.join(VARIANTS)}; registered "
+                      f"methods: {', '.join(leantune.methods())}")
+
+
+def _variants(args: argparse.Namespace, default: str) -> tuple[dict[str, Variant], dict[str, str]]:
+    """Rows to run, full first, and rows of the default list skipped because they cannot run here."""
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
     if "full" not in names:
         names.insert(0, "full")
+    rows = {name: resolve_row(name) for name in names}
+    backbone = _t5_backbone(args)
     skipped = {}
-    explicit = spec != default
-    for name in list(names):
-        reason = _missing_dependency(VARIANTS[name])
+    for name, row in list(rows.items()):
+        reason = _cannot_run(row, backbone, T5_SIZES[args.model]["num_layers"])
         if reason is None:
             continue
-        if explicit:
+        if args.methods != default:
             raise LeantuneError(f"--methods: row {name!r} cannot run: {reason}")
-        names.remove(name)
+        del rows[name]
         skipped[name] = reason
-    return names, skipped
+    return rows, skipped
 
 
-def _missing_dependency(variant: Variant) -> str | None:
-    if variant.uses_peft:
+def _t5_backbone(args: argparse.Namespace) -> Backbone:
+    """The architecture map of the benchmarked T5, built on the meta device (no memory, no time)."""
+    from transformers import T5ForConditionalGeneration
+
+    with torch.device("meta"):
+        return resolve(T5ForConditionalGeneration(_t5_config(args.model, args.attention)))
+
+
+def _cannot_run(row: Variant, backbone: Backbone, num_layers: int) -> str | None:
+    """Why ``row`` cannot run: peft missing, its method not registered, or the method's ``unsupported_reason``."""
+    if row.uses_peft:
         try:
             import peft  # noqa: F401
         except ImportError:
             return "peft is not installed (pip install peft)"
         return None
     try:
-        variant.config(12)
+        config = row.config(num_layers)
     except UnsupportedMethodError as err:
         return str(err)
-    return None
+    return leantune.get_method(config.method)(config).unsupported_reason(backbone)
 
 
 def _t5_config(model: str, attention: str) -> Any:
@@ -192,10 +215,10 @@ def _t5_config(model: str, attention: str) -> Any:
 
 
 def _build(
-    variant: Variant, args: argparse.Namespace, device: torch.device, batch_size: int
+    row: Variant, args: argparse.Namespace, device: torch.device, batch_size: int
 ) -> tuple[TrainingSetup, int, int]:
-    """A fresh model with the variant attached, its AdamW, a random batch and the step; also the trainable and
-    total parameter counts."""
+    """A fresh model with the row's method attached, its AdamW, a random batch and the step; also the trainable
+    and total parameter counts."""
     from transformers import T5ForConditionalGeneration
 
     torch.manual_seed(args.seed)
@@ -203,16 +226,6 @@ def _build(
     model = T5ForConditionalGeneration(config)
     if device.type != "cpu":
         model.to(device)
-    if variant.uses_peft:
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        peft_config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=32, lora_alpha=32, lora_dropout=0.0,
-                                 target_modules=["q", "v"], bias="all")
-        tuned: nn.Module = get_peft_model(model, peft_config)
-    else:
-        tuned = leantune.wrap(model, variant.config(config.num_layers))
-    trainable = [p for p in tuned.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
     vocab = config.vocab_size
     input_ids = torch.randint(2, vocab, (batch_size, args.source_length), device=device)
     batch = {
@@ -220,26 +233,43 @@ def _build(
         "attention_mask": torch.ones_like(input_ids),
         "labels": torch.randint(2, vocab, (batch_size, args.target_length), device=device),
     }
+    tuned = _attach(row, model, config.num_layers, batch)
+    trainable = [p for p in tuned.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
     tuned.train()
     counts = (sum(p.numel() for p in trainable), sum(p.numel() for p in tuned.parameters()))
     return (training_step(tuned, optimizer, batch), tuned, optimizer), *counts
 
 
+def _attach(row: Variant, model: nn.Module, num_layers: int, batch: dict[str, torch.Tensor]) -> nn.Module:
+    """The model with the row's method: leantune's (given ``batch`` as data where the method needs data) or
+    peft's LoRA."""
+    if row.uses_peft:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        peft_config = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=32, lora_alpha=32, lora_dropout=0.0,
+                                 target_modules=["q", "v"], bias="all")
+        return get_peft_model(model, peft_config)
+    config = row.config(num_layers)
+    needs_data = leantune.get_method(config.method)(config).needs_data()
+    return leantune.wrap(model, config, data=[batch] if needs_data else None)
+
+
 def _check_sizes(args: argparse.Namespace) -> None:
     for option in ("batch_size", "source_length", "target_length"):
         if getattr(args, option) <= 0:
-            raise ValueError(f"--{option.replace('_', '-')} must be > 0, got {getattr(args, option)}")
+            raise ConfigError(f"--{option.replace('_', '-')} must be > 0, got {getattr(args, option)}")
 
 
 def _device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ValueError(f"--device: {spec!r} is not a device (use cpu or cuda[:N])") from None
+        raise ConfigError(f"--device: {spec!r} is not a device (use cpu or cuda[:N])") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: {spec!r}; use cpu or cuda[:N]")
+        raise ConfigError(f"--device: {spec!r}; use cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise LeantuneError(f"--device {spec}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {spec}: CUDA is not available on this machine")
     return device
 
 
@@ -283,21 +313,25 @@ def _command_line(args: argparse.Namespace, benchmark: str) -> str:
     return f"leantune bench {benchmark} " + " ".join(f"--{key} {value}" for key, value in options.items())
 
 
+def name_width(names: list[str]) -> int:
+    """Width of the method column: 10, or the longest name."""
+    return max([10, *map(len, names)])
+
+
 # --- bench memory -----------------------------------------------------------------------------------------------
 def run_memory(args: argparse.Namespace) -> int:
     _check_sizes(args)
     device = _device(args.device)
     if args.mode == "estimate" and device.type != "cpu":
-        raise ValueError("--device applies to --mode measure; the estimate runs on fake CPU tensors")
-    names, skipped = _variant_names(args.methods, MEMORY_DEFAULT)
+        raise ConfigError("--device applies to --mode measure; the estimate runs on fake CPU tensors")
+    variants, skipped = _variants(args, MEMORY_DEFAULT)
     rows: dict[str, dict[str, Any]] = {}
-    for name in names:
-        variant = VARIANTS[name]
+    for name, row in variants.items():
         counts: dict[str, int] = {}
 
-        def setup(variant: Variant = variant, counts: dict[str, int] = counts) -> TrainingSetup:
-            micro_batch = variant.micro_batch(args.batch_size)
-            training, counts["trainable"], counts["total"] = _build(variant, args, device, micro_batch)
+        def setup(row: Variant = row, counts: dict[str, int] = counts) -> TrainingSetup:
+            micro_batch = row.micro_batch(args.batch_size)
+            training, counts["trainable"], counts["total"] = _build(row, args, device, micro_batch)
             return training
 
         start = time.perf_counter()
@@ -306,8 +340,8 @@ def run_memory(args: argparse.Namespace) -> int:
         else:
             stats = measure_peak_training_memory(*setup())
         rows[name] = {
-            "description": variant.description,
-            "micro_batch_size": variant.micro_batch(args.batch_size),
+            "description": row.description,
+            "micro_batch_size": row.micro_batch(args.batch_size),
             "trainable_params": counts["trainable"],
             "trainable_percent": 100 * counts["trainable"] / counts["total"],
             "peak_bytes": stats["peak_bytes"],
@@ -323,41 +357,37 @@ def run_memory(args: argparse.Namespace) -> int:
     full_bytes = rows["full"]["peak_bytes"]
     for name, row in rows.items():
         row["percent_of_full"] = 100 * row["peak_bytes"] / full_bytes
-        paper_row = VARIANTS[name].paper_row
+        paper_row = variants[name].paper_row
         row["paper_percent_of_full"] = (
             100 * PAPER_MEMORY_GB[paper_row] / PAPER_MEMORY_GB["full"] if paper_row is not None else None
         )
     result = {"setting": {**_setting(args, "memory", device), "mode": args.mode}, "methods": rows,
               "skipped": skipped}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_memory_table(result))
-    if args.out is not None:
-        stem = args.name or f"memory_{args.model}_b{args.batch_size}_{args.attention}_{args.mode}"
-        write_results(args.out, stem, result, plot_memory)
+    report(args, result, format_memory_table, plot_memory,
+           f"memory_{args.model}_b{args.batch_size}_{args.attention}_{args.mode}")
     return 0
 
 
 def format_memory_table(result: dict[str, Any]) -> str:
     """The memory table as text: one line per method."""
     s = result["setting"]
+    width = name_width([*result["methods"], *result["skipped"]])
     lines = [
         f"Peak training memory ({s['mode']}), {s['model']} architecture (random weights), batch {s['batch_size']}, "
         f"source {s['source_length']}, target {s['target_length']}, fp32, AdamW, {s['attention']} attention, "
         f"{s['device']}",
-        f"{'method':<10} {'batch':>5} {'trainable':>12} {'trainable%':>10} {'peak GiB':>9} {'% of full':>9} "
+        f"{'method':<{width}} {'batch':>5} {'trainable':>12} {'trainable%':>10} {'peak GiB':>9} {'% of full':>9} "
         f"{'paper %':>8}",
     ]
     for name, row in result["methods"].items():
         paper = row["paper_percent_of_full"]
         lines.append(
-            f"{name:<10} {row['micro_batch_size']:>5} {row['trainable_params']:>12,d} "
+            f"{name:<{width}} {row['micro_batch_size']:>5} {row['trainable_params']:>12,d} "
             f"{row['trainable_percent']:>10.2f} {row['peak_gib']:>9.3f} "
             f"{row['percent_of_full']:>9.1f} {'' if paper is None else f'{paper:.1f}':>8}"
         )
     for name, reason in result["skipped"].items():
-        lines.append(f"{name:<10} skipped: {reason}")
+        lines.append(f"{name:<{width}} skipped: {reason}")
     lines.append("paper %: LST paper Table 1 / Fig. 1 (T5-base, batch 100, GLUE), memory as % of full fine-tuning")
     return "\n".join(lines)
 
@@ -395,16 +425,17 @@ def plot_memory(result: dict[str, Any], path: Path) -> None:
 def run_speed(args: argparse.Namespace) -> int:
     _check_sizes(args)
     if args.rounds <= 0 or args.warmup < 0:
-        raise ValueError(f"--rounds must be > 0 and --warmup >= 0, got {args.rounds} and {args.warmup}")
+        raise ConfigError(f"--rounds must be > 0 and --warmup >= 0, got {args.rounds} and {args.warmup}")
     if args.threads is not None:
         if args.threads <= 0:
-            raise ValueError(f"--threads must be > 0, got {args.threads}")
+            raise ConfigError(f"--threads must be > 0, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = _device(args.device)
-    names, skipped = _variant_names(args.methods, SPEED_DEFAULT)
+    variants, skipped = _variants(args, SPEED_DEFAULT)
+    names = list(variants)
     setups, counts = {}, {}
-    for name in names:
-        (step, _, _), trainable, total = _build(VARIANTS[name], args, device, args.batch_size)
+    for name, row in variants.items():
+        (step, _, _), trainable, total = _build(row, args, device, args.batch_size)
         setups[name], counts[name] = step, (trainable, total)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(args.warmup + args.rounds):
@@ -436,29 +467,25 @@ def run_speed(args: argparse.Namespace) -> int:
     setting = {**_setting(args, "speed", device), "rounds": args.rounds, "warmup": args.warmup,
                "threads": torch.get_num_threads()}
     result = {"setting": setting, "methods": rows, "skipped": skipped}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_speed_table(result))
-    if args.out is not None:
-        stem = args.name or f"speed_{args.model}_b{args.batch_size}_l{args.source_length}_{args.attention}"
-        write_results(args.out, stem, result, plot_speed)
+    report(args, result, format_speed_table, plot_speed,
+           f"speed_{args.model}_b{args.batch_size}_l{args.source_length}_{args.attention}")
     return 0
 
 
 def format_speed_table(result: dict[str, Any]) -> str:
     s = result["setting"]
+    width = name_width([*result["methods"], *result["skipped"]])
     lines = [
         f"Seconds per training step, {s['model']} architecture (random weights), batch {s['batch_size']}, source "
         f"{s['source_length']}, target {s['target_length']}, fp32, AdamW, {s['attention']} attention, {s['device']}, "
         f"{s['threads']} threads, median of {s['rounds']} interleaved rounds",
-        f"{'method':<10} {'trainable':>12} {'median s':>9} {'min s':>7} {'max s':>7} {'x full':>7}",
+        f"{'method':<{width}} {'trainable':>12} {'median s':>9} {'min s':>7} {'max s':>7} {'x full':>7}",
     ]
     for name, row in result["methods"].items():
-        lines.append(f"{name:<10} {row['trainable_params']:>12,d} {row['median_s']:>9.3f} {row['min_s']:>7.3f} "
+        lines.append(f"{name:<{width}} {row['trainable_params']:>12,d} {row['median_s']:>9.3f} {row['min_s']:>7.3f} "
                      f"{row['max_s']:>7.3f} {row['ratio_to_full']:>7.2f}")
     for name, reason in result["skipped"].items():
-        lines.append(f"{name:<10} skipped: {reason}")
+        lines.append(f"{name:<{width}} skipped: {reason}")
     return "\n".join(lines)
 
 
@@ -486,19 +513,19 @@ def plot_speed(result: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-# --- output files -----------------------------------------------------------------------------------------------
+# --- output -------------------------------------------------------------------------------------------------------
+def report(args: argparse.Namespace, result: dict[str, Any], table: Callable[[dict[str, Any]], str],
+           plot: Callable[[dict, Path], None], default_stem: str) -> None:
+    """Print the result (JSON with --json, else the table); with --out also write its JSON and plot."""
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    if args.out is not None:
+        write_results(args.out, args.name or default_stem, result, plot)
+
+
 def write_results(directory: Path, stem: str, result: dict[str, Any], plot: Callable[[dict, Path], None]) -> None:
     """Write ``<stem>.json`` and ``<stem>.png`` into ``directory``, each atomically (temp file, then rename)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for suffix, write in ((".json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n")),
-                          (".png", lambda tmp: plot(result, tmp))):
-        target = directory / f"{stem}{suffix}"
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        try:
-            write(tmp)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+    write_atomic(directory / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+    write_atomic(directory / f"{stem}.png", lambda tmp: plot(result, tmp))
     print(f"wrote {directory / stem}.json and .png", file=sys.stderr)
 

@@ -1,7 +1,9 @@
 """``leantune compare``: train several methods on the same data with the same budget; one table, JSON and plot.
 
 Each method runs as its own ``leantune train`` process (so its process memory is its own) in
-``OUTPUT_DIR/<method>``; the table reports the test metric at the best validation step, the trainable share,
+``OUTPUT_DIR/<method>``; any registered method can be compared, plugins included (the sub-processes find a
+plugin method through ``LEANTUNE_PLUGINS``, which is extended with the module of every plugin method compared).
+The table reports the test metric at the best validation step, the trainable share,
 the peak tensor memory of one training step (``leantune.memory``), seconds per step and wall time.
 """
 
@@ -18,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from leantune.commands.train import add_run_arguments, parse_assignments, spec_from_args
-from leantune.errors import LeantuneError
+from leantune.errors import ConfigError, LeantuneError
+from leantune.files import write_atomic_bytes, write_atomic_text
+from leantune.registry import PLUGINS_VARIABLE, get_method, is_builtin, plugin_module_names
 
 DEFAULT_METHODS = "full,bitfit,lora,adapter,lst,fish"
 
@@ -26,7 +30,8 @@ DEFAULT_METHODS = "full,bitfit,lora,adapter,lst,fish"
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("compare", help="Train several methods on the same data; print a table, write "
                                    "JSON and a metric-vs-memory plot.", description=__doc__)
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"Comma-separated (default: {DEFAULT_METHODS}).")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"Comma-separated registered method names, "
+                        f"plugins included (default: {DEFAULT_METHODS}).")
     parser.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE",
                         help="An option of one method, e.g. --set lst.reduction_factor=4.")
     add_run_arguments(parser)
@@ -38,20 +43,57 @@ def method_options(assignments: dict[str, Any], methods: list[str]) -> dict[str,
     for key, value in assignments.items():
         method, sep, option = key.partition(".")
         if not sep or method not in options:
-            raise ValueError(f"--set {key}=...: compare options are METHOD.KEY=VALUE with METHOD one of "
-                             f"{', '.join(methods)}")
+            raise ConfigError(f"--set {key}=...: compare options are METHOD.KEY=VALUE with METHOD one of "
+                              f"{', '.join(methods)}")
         options[method][option] = value
     return options
+
+
+def child_environment(methods: list[str]) -> dict[str, str]:
+    """The environment of the ``leantune train`` sub-processes: this one, with ``LEANTUNE_PLUGINS`` naming the
+    module of every plugin method compared and ``PYTHONPATH`` the folder it was imported from, so a method
+    registered here by importing its module is found there too."""
+    environment = dict(os.environ)
+    modules = plugin_module_names()
+    search_path = [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+    for method in methods:
+        if is_builtin(method):
+            continue
+        module = get_method(method).__module__
+        if module == "__main__":
+            raise ConfigError(f"method {method!r} is defined in the __main__ script; leantune compare runs each "
+                              "method in its own process, which cannot import it: move it into a module")
+        if module not in modules:
+            modules.append(module)
+        root = import_root(module)
+        if root is not None and root not in search_path:
+            search_path.append(root)
+    if modules:
+        environment[PLUGINS_VARIABLE] = ",".join(modules)
+    if search_path:
+        environment["PYTHONPATH"] = os.pathsep.join(search_path)
+    return environment
+
+
+def import_root(module_name: str) -> str | None:
+    """The ``sys.path`` folder the imported module ``module_name`` was found in (None for a built-in module)."""
+    file = getattr(sys.modules.get(module_name), "__file__", None)
+    if file is None:
+        return None
+    path = Path(file).resolve()
+    depth = module_name.count(".") + (path.stem == "__init__")
+    return str(path.parents[depth])
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import leantune
-    from leantune.train.checkpoint import write_atomic_text
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
-        raise ValueError("--methods is empty")
+        raise ConfigError("--methods is empty")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods names a method twice: {args.methods}")
     options = method_options(parse_assignments(args.set, "--set"), methods)
     specs = {}
     for method in methods:
@@ -60,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         leantune.make_config(method, **spec.options)  # unknown method or option: fail before training anything
         specs[method] = spec
     out = Path(args.output_dir) if args.output_dir else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    environment = child_environment(methods)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for method, spec in specs.items():
@@ -72,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             command.append("--resume")
         if not (run_dir / "results.json").is_file():
             print(f"== {method}: {' '.join(command)}", flush=True)
-            finished = subprocess.run(command)
+            finished = subprocess.run(command, env=environment)
             if finished.returncode != 0:
                 rows.append({"method": method, "error": f"leantune train exited with {finished.returncode}"})
                 continue
@@ -103,14 +146,15 @@ def step_memory_mib(row: dict[str, Any]) -> float:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     metric = next((r["metric"] for r in rows if "metric" in r), "metric")
-    header = (f"{'method':<10} {'test ' + metric:>22} {'val':>7} {'trainable%':>10} {'peak step MiB':>13} "
+    width = max([10, *(len(r["method"]) for r in rows)])
+    header = (f"{'method':<{width}} {'test ' + metric:>22} {'val':>7} {'trainable%':>10} {'peak step MiB':>13} "
               f"{'max RSS MiB':>11} {'s/step':>7} {'wall s':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['method']:<10} {r['error']}")
+            lines.append(f"{r['method']:<{width}} {r['error']}")
             continue
-        lines.append(f"{r['method']:<10} {r['test_metric']:>22.4f} {r['validation_metric']:>7.4f} "
+        lines.append(f"{r['method']:<{width}} {r['test_metric']:>22.4f} {r['validation_metric']:>7.4f} "
                      f"{r['trainable_percent']:>10.4f} {step_memory_mib(r):>13,.1f} "
                      f"{r['peak_memory_bytes'] / 2**20:>11,.0f} {r['seconds_per_step']:>7.3f} "
                      f"{r['wall_seconds']:>7.0f}")
@@ -123,8 +167,6 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from leantune.train.checkpoint import write_atomic_bytes
 
     figure, axes = plt.subplots(figsize=(6, 4.2), dpi=120)
     for r in rows:

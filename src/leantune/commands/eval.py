@@ -19,22 +19,22 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import leantune
-    from leantune.errors import LeantuneError
+    from leantune.errors import CheckpointError
     from leantune.train.checkpoint import BEST
     from leantune.train.data import Encoder
-    from leantune.train.loop import evaluate, is_text_to_text
+    from leantune.train.evaluation import evaluate
     from leantune.train.run import RunSpec, build
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        raise CheckpointError(f"run directory {run_dir} does not exist")
     spec = RunSpec.read(run_dir)
     if not (run_dir / BEST).is_dir():
-        raise LeantuneError(f"{run_dir / BEST} is missing: the run has not finished an evaluation yet")
+        raise CheckpointError(f"{run_dir / BEST} is missing: the run has not finished an evaluation yet")
     model, tokenizer, task, config = build(spec, for_loading=True)
     tuned = leantune.load(model, run_dir / BEST)
     task = task.subset({"validation": config.validation_examples, "test": config.test_examples})
-    encoder = Encoder(task, tokenizer, is_text_to_text(tuned), config.max_length, config.max_target_length)
+    encoder = Encoder.for_model(task, tokenizer, tuned, config.max_length, config.max_target_length)
     metric = evaluate(tuned, encoder, task.splits[args.split], config)
     print(f"{run_dir}: {spec.model} + {spec.method} on {task.name}, {args.split} {task.metric} {metric:.4f} "
           f"({len(task.splits[args.split]):,d} examples)")

@@ -13,11 +13,10 @@ from typing import Any
 
 import yaml
 
-from leantune.errors import LeantuneError
+from leantune.errors import CheckpointError, ConfigError
+from leantune.registry import get_method
 from leantune.train.config import TrainConfig
-from leantune.train.run import DEFAULT_METHOD_OPTIONS, DEFAULT_TRAIN_SETTINGS, RunSpec
-
-DATA_FLAGS = ("data", "validation", "test", "text_column", "text_pair_column", "label_column")
+from leantune.train.run import DATA_KEYS, DEFAULT_TRAIN_SETTINGS, RunSpec, checked_local_data
 
 
 def parse_value(text: str) -> Any:
@@ -33,7 +32,7 @@ def parse_assignments(items: list[str] | None, flag: str) -> dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{flag} expects key=value, got {item!r}")
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
         values[key.strip()] = parse_value(value)
     return values
 
@@ -68,15 +67,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_config_file(path: str) -> dict[str, Any]:
+    """The settings in a YAML or JSON config file; a missing, unreadable or malformed file is a ConfigError."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"config file {file} does not exist")
+        raise ConfigError(f"config file {file} does not exist")
     try:
-        values = json.loads(file.read_text()) if file.suffix == ".json" else yaml.safe_load(file.read_text())
+        text = file.read_text()
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {file} cannot be read ({err})") from None
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise LeantuneError(f"config file {file} cannot be parsed ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"config file {file} cannot be parsed ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
-        raise LeantuneError(f"config file {file} must hold a mapping of settings, got {type(values).__name__}")
+        raise ConfigError(f"config file {file} must hold a mapping of settings, got {type(values).__name__}")
     return values
 
 
@@ -93,20 +96,20 @@ def spec_from_args(args: argparse.Namespace, method: str | None) -> RunSpec:
         spec.task, spec.data = args.task, None
     if args.glue_dir:
         spec.glue_dir = args.glue_dir
-    flags = {name: getattr(args, name) for name in DATA_FLAGS if getattr(args, name) is not None}
+    flags = {name: getattr(args, name) for name in DATA_KEYS if getattr(args, name) is not None}
     if flags:
         if "data" not in flags and spec.data is None:
-            raise ValueError(f"--{next(iter(flags)).replace('_', '-')} needs --data (the training file)")
+            raise ConfigError(f"--{next(iter(flags)).replace('_', '-')} needs --data (the training file)")
         spec.data = {**(spec.data or {}), **flags}
     if spec.data is not None:
-        spec.data = {"text_column": "text", "label_column": "label", **spec.data}
+        spec.data = checked_local_data({"text_column": "text", "label_column": "label", **spec.data})
     builtin_default = spec.data is None and spec.task == "tweets"
     defaults = DEFAULT_TRAIN_SETTINGS if builtin_default else {"measure_memory": True}
     overrides = {f.name: getattr(args, f"train_{f.name}") for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f"train_{f.name}", None) is not None}
     spec.train = {**defaults, **spec.train, **overrides}
-    if builtin_default:
-        spec.options = {**DEFAULT_METHOD_OPTIONS.get(spec.method, {}), **spec.options}
+    if builtin_default:  # the embedded default's short CPU budget: the method's options for it
+        spec.options = {**get_method(spec.method).budget_options, **spec.options}
     spec.train_config()  # fail now on a bad setting
     return spec
 
@@ -135,27 +138,34 @@ def run(args: argparse.Namespace) -> int:
     from leantune.train.loop import train
     from leantune.train.run import RUN_NAME, build
 
+    # Under torchrun every process runs this command; the first one (RANK 0) checks, writes and prints.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.output_dir:
+        raise ConfigError("under torchrun every process must train the same run: pass --output-dir")
     if args.resume:
         if not args.output_dir:
-            raise ValueError("--resume needs --output-dir (the run to continue)")
+            raise ConfigError("--resume needs --output-dir (the run to continue)")
         run_dir = Path(args.output_dir)
-        spec = RunSpec.read(run_dir) if (run_dir / RUN_NAME).is_file() else None
-        if spec is None:
-            raise LeantuneError(f"{run_dir / RUN_NAME} is missing: nothing to resume there")
-        print(f"resuming {run_dir} with its saved settings")
+        if not (run_dir / RUN_NAME).is_file():
+            raise CheckpointError(f"{run_dir / RUN_NAME} is missing: nothing to resume there")
+        spec = RunSpec.read(run_dir)
+        if main_process:
+            print(f"resuming {run_dir} with its saved settings")
     else:
         spec = spec_from_args(args, args.method)
         spec.options = {**spec.options, **parse_assignments(args.set, "--set")}
         run_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec)
-        if (run_dir / RUN_NAME).is_file():
-            raise LeantuneError(f"{run_dir} already holds a run; continue it with --resume or choose another "
-                                "--output-dir")
+        if main_process and (run_dir / RUN_NAME).is_file():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another "
+                              "--output-dir")
     tuned, tokenizer, task, config = build(spec)
-    print(f"{spec.model} + {spec.method} on {task.describe()}")
-    tuned.print_trainable_parameters()
-    spec.write(run_dir)
+    if main_process:
+        print(f"{spec.model} + {spec.method} on {task.describe()}")
+        tuned.print_trainable_parameters()
+        spec.write(run_dir)
     result = train(tuned, task, tokenizer, config, output_dir=run_dir, resume=args.resume)
-    print(summary(result, spec))
+    if main_process:
+        print(summary(result, spec))
     return 0
 
 

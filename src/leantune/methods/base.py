@@ -5,6 +5,7 @@ A method is one class registered with :func:`leantune.registry.register`. Beside
 ``compare``, ``bench``, ``inspect`` and the tests need to know about it, so adding a method touches no other file:
 
 ``mergeable``              ``merge()`` folds the delta into the base weights exactly
+``identity_at_init``       with its default options, the wrapped model's outputs equal the base model's
 ``call_inputs``            extra keywords it takes from every forward/generate call (:mod:`leantune.context`)
 ``default_learning_rate``  the trainer's learning rate when the user sets none
 ``budget_options``         options for short CPU budgets (the embedded default, ``compare``)
@@ -69,6 +70,7 @@ class TuningMethod:
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     mergeable: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = False
     merge_unsupported_reason: ClassVar[str] = "this method adds computation that cannot be folded into the weights"
     call_inputs: ClassVar[tuple[CallInput, ...]] = ()
     default_learning_rate: ClassVar[float] = 3e-4
@@ -103,7 +105,7 @@ class TuningMethod:
         """Generation for generative models; by default the (modified) base model's ``generate``."""
         return tuned.base_model.generate(*args, **kwargs)
 
-    def merge(self, tuned: TunedModel) -> nn.Module:
+    def merge(self, tuned: TunedModel, **options: Any) -> nn.Module:
         """Fold the delta into the base weights and return the plain base model, where that is exact."""
         raise UnsupportedMethodError(f"method {self.name!r} cannot be merged: {self.merge_unsupported_reason}")
 

@@ -34,6 +34,7 @@ class BitFit(TuningMethod):
     name = "bitfit"
     config_class = BitFitConfig
     mergeable = True
+    identity_at_init = True
     default_learning_rate = 1e-3
 
     def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:

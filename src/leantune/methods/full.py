@@ -24,6 +24,7 @@ class Full(TuningMethod):
     name = "full"
     config_class = FullConfig
     mergeable = True
+    identity_at_init = True
     default_learning_rate = 5e-5
 
     def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:

