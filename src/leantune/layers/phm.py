@@ -55,11 +55,12 @@ class PHMLinear(nn.Module):
         return x @ self.weight().to(x.dtype) + self.bias.to(x.dtype)
 
 
-def phm_projection(n: int, rank: int | None = None, shared_rule: nn.Parameter | None = None) -> ProjectionFactory:
+def phm_projection(n: int, rank: int | None = None, shared_rule: nn.Parameter | None = None,
+                   device: torch.device | None = None, dtype: torch.dtype | None = None) -> ProjectionFactory:
     """PHM projections for :class:`leantune.layers.adapter.BottleneckAdapter`."""
 
     def build(in_features: int, out_features: int, zero_init: bool) -> nn.Module:
-        return PHMLinear(in_features, out_features, n, rank, shared_rule, zero_init)
+        return PHMLinear(in_features, out_features, n, rank, shared_rule, zero_init).to(device=device, dtype=dtype)
 
     return build
 

@@ -4,7 +4,8 @@
 the base model at init. The branch is ``<projection>.branches.lora`` (:func:`leantune.methods.base.add_branch`),
 so the base model's own parameter names never change; ``merge`` folds ``B @ A`` into ``W`` exactly and removes
 the branches. Default targets: the query and value projections of self- and cross-attention, or the fused
-query-key-value projection where a family has one (peft's defaults).
+query-key-value projection where a family has one (peft's defaults). With several tasks, ``sharing="multiple"``
+keeps one A/B pair per task (VL-Adapter's Multiple LoRA); ``merge`` then folds the pair of the task it is given.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import torch
 from torch import nn
 
 from leantune.backbones import Backbone, linear_in_out
-from leantune.config import ConfigError, MethodConfig, check_positive, check_range, option
-from leantune.errors import UnsupportedModelError
+from leantune.config import ConfigError, check_choice, check_positive, check_range, option
+from leantune.context import CallInput
+from leantune.errors import UnsupportedMethodError, UnsupportedModelError
 from leantune.layers.lora import LoRABranch
+from leantune.layers.routing import PerTask
 from leantune.methods.base import AttachContext, TuningMethod, add_branch, remove_branch, resolve_module_names
+from leantune.methods.sharing import TaskSharingConfig
 from leantune.registry import register
 
 BRANCH = "lora"
@@ -28,7 +32,7 @@ FUSED_DEFAULT_ROLES = ("qkv",)
 
 
 @dataclass
-class LoRAConfig(MethodConfig):
+class LoRAConfig(TaskSharingConfig):
     """Low-rank adaptation of linear projections."""
 
     method = "lora"
@@ -42,11 +46,17 @@ class LoRAConfig(MethodConfig):
         "self- and cross-attention from the architecture map (the fused qkv projection where there is one), as "
         "peft's defaults.",
     )
-    train_biases: bool = option(False, "Also train every bias of the model (LoRA + BitFit, as in the LST paper).")
+    train_biases: str | bool = option(
+        "none", "all = also train every bias of the model (LoRA + BitFit: the LST paper's and VL-Adapter's LoRA); "
+                "none = only A and B. true/false are accepted for all/none.")
 
     def validate(self) -> None:
+        super().validate()
         check_positive(self, "r", "alpha")
         check_range(self, "dropout", 0.0, 1.0)
+        if isinstance(self.train_biases, bool):
+            self.train_biases = "all" if self.train_biases else "none"
+        check_choice(self, "train_biases", ("none", "all"))
 
 
 @register
@@ -54,7 +64,11 @@ class LoRA(TuningMethod):
     name = "lora"
     config_class = LoRAConfig
     mergeable = True
+    identity_at_init = True
     default_learning_rate = 1e-3
+
+    def declared_inputs(self) -> tuple[CallInput, ...]:
+        return self.config.task_input()
 
     def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:
         self.targets = self._target_names(model, backbone)
@@ -62,9 +76,10 @@ class LoRA(TuningMethod):
         for name in self.targets:
             module = model.get_submodule(name)
             in_features, out_features = linear_in_out(module)
-            branch = LoRABranch(in_features, out_features, config.r, config.alpha, config.dropout, module.weight)
-            add_branch(module, BRANCH, branch)
-        if config.train_biases:
+            shape = (in_features, out_features, config.r, config.alpha, config.dropout, module.weight)
+            add_branch(module, BRANCH, LoRABranch(*shape) if config.sharing == "single"
+                       else PerTask({task: LoRABranch(*shape) for task in config.tasks}))
+        if config.train_biases == "all":
             for param_name, param in model.named_parameters():
                 if param_name.rsplit(".", 1)[-1] == "bias":
                     param.requires_grad_(True)
@@ -88,11 +103,17 @@ class LoRA(TuningMethod):
                 ) from None
         return names
 
-    def merge(self, tuned) -> nn.Module:
+    def merge(self, tuned, task: str | None = None) -> nn.Module:
+        """Fold the update into the weights; with one LoRA per task, ``task`` names the one to fold."""
+        config: LoRAConfig = self.config
+        if config.sharing != "single" and task not in config.tasks:
+            raise UnsupportedMethodError(f"this model has one LoRA per task ({', '.join(config.tasks)}); merge "
+                                         f"folds one of them: call merge(task=<name>), got {task!r}")
         model = tuned.base_model
         with torch.no_grad():
             for name in self.targets:
                 module = model.get_submodule(name)
-                delta = remove_branch(module, BRANCH).delta_weight()
+                branch = remove_branch(module, BRANCH)
+                delta = (branch if config.sharing == "single" else branch.per_task[task]).delta_weight()
                 module.weight += delta.T if type(module).__name__ == "Conv1D" else delta
         return model

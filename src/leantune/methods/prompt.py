@@ -16,15 +16,17 @@ import torch
 from torch import nn
 
 from leantune.backbones import Backbone
-from leantune.config import MethodConfig, check_choice, check_positive, option
+from leantune.config import check_choice, check_positive, option
+from leantune.context import CallInput, current_task
 from leantune.layers.prefix import insert_tokens
 from leantune.methods.base import AttachContext, TuningMethod
+from leantune.methods.sharing import TaskSharingConfig
 from leantune.registry import register
 
 
 @dataclass
-class PromptConfig(MethodConfig):
-    """Soft prompt tokens."""
+class PromptConfig(TaskSharingConfig):
+    """Soft prompt tokens, one prompt for every task or one per task."""
 
     method = "prompt"
 
@@ -36,6 +38,7 @@ class PromptConfig(MethodConfig):
     reparameterize_hidden: int = option(800, "Hidden width of the reparameterisation MLP (VL-Adapter: 800).")
 
     def validate(self) -> None:
+        super().validate()
         check_positive(self, "num_tokens", "reparameterize_hidden")
         check_choice(self, "init", ("vocab", "random"))
 
@@ -62,6 +65,18 @@ class SoftPrompt(nn.Module):
         return prompt.unsqueeze(0).expand(batch_size, -1, -1)
 
 
+class TaskPrompts(nn.Module):
+    """One :class:`SoftPrompt` per task; each call uses the prompt of its task."""
+
+    def __init__(self, prompts: dict[str, SoftPrompt]) -> None:
+        super().__init__()
+        self.tasks = list(prompts)
+        self.per_task = nn.ModuleDict(prompts)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.per_task[current_task(self.tasks)](batch_size)
+
+
 @register
 class PromptTuning(TuningMethod):
     name = "prompt"
@@ -74,9 +89,15 @@ class PromptTuning(TuningMethod):
             return f"prompt tuning prepends token embeddings; a {backbone.arch.modality} model has no token input"
         return None
 
+    def declared_inputs(self) -> tuple[CallInput, ...]:
+        return self.config.task_input()
+
     def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> nn.Module:
         self.decoder_only = backbone.arch.kind == "decoder"
-        return SoftPrompt(self.config, backbone.input_embeddings())
+        config: PromptConfig = self.config
+        if config.sharing == "single":
+            return SoftPrompt(config, backbone.input_embeddings())
+        return TaskPrompts({task: SoftPrompt(config, backbone.input_embeddings()) for task in config.tasks})
 
     def _prompted(self, tuned, kwargs: dict[str, Any], labels_too: bool) -> dict[str, Any]:
         batch = next(v for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds")).shape[0]
