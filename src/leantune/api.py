@@ -205,7 +205,7 @@ def _wrap(
         raise UnsupportedMethodError(f"method {config.method!r} cannot be applied to {type(model).__name__}: {reason}")
     method_modules = method.attach(model, backbone, context)
     heads = [m for _, m in backbone.task_heads()] if config.train_head else []
-    for module in heads + [model.get_submodule(n) for n in to_save]:
+    for module in heads + [model.get_submodule(n) for n in to_save + always_trained_modules(model)]:
         module.requires_grad_(True)
     added = {f"base_model.{n}" for n, _ in model.named_parameters(remove_duplicate=False) if n not in before}
     added |= {f"base_model.{n}" for n, _ in model.named_buffers(remove_duplicate=False) if n not in before}
@@ -213,6 +213,19 @@ def _wrap(
         added |= {f"method_modules.{n}" for n, _ in method_modules.named_parameters()}
         added |= {f"method_modules.{n}" for n, _ in method_modules.named_buffers()}
     return TunedModel(model, method, backbone, base_fingerprint, method_modules, added)
+
+
+def always_trained_modules(model: nn.Module) -> list[str]:
+    """Modules a model declares that every method trains and saves (``model.leantune_trainable_modules``, e.g. the
+    visual projection of a vision-language model): added by the model itself, so no method may leave them frozen."""
+    names = list(getattr(model, "leantune_trainable_modules", ()))
+    for name in names:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"{type(model).__name__}.leantune_trainable_modules names {name!r}, which is not "
+                              "one of its modules") from None
+    return names
 
 
 def load(
