@@ -84,3 +84,22 @@ def main_output(outputs) -> torch.Tensor:
     if getattr(outputs, "logits", None) is not None:
         return outputs.logits
     return outputs.logits_per_image
+
+
+def assert_only_trainable_parameters_change(tuned: torch.nn.Module, train) -> set[str]:
+    """Run ``train()``; assert every frozen parameter is bitwise unchanged and holds no ``.grad``, and that some
+    trainable parameter changed. Returns the names of the trainable parameters that changed."""
+    before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert trainable, "the method trains nothing"
+    train()
+    changed = set()
+    for name, param in tuned.named_parameters():
+        if name in trainable:
+            if not torch.equal(param, before[name]):
+                changed.add(name)
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+            assert param.grad is None, f"frozen {name} holds a .grad"
+    assert changed, "no trainable parameter changed"
+    return changed
