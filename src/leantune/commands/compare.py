@@ -3,8 +3,9 @@
 Each method runs as its own ``leantune train`` process (so its process memory is its own) in
 ``OUTPUT_DIR/<method>``; any registered method can be compared, plugins included (the sub-processes find a
 plugin method through ``LEANTUNE_PLUGINS``, which is extended with the module of every plugin method compared).
-The table reports the test metric at the best validation step, the trainable share,
-the peak tensor memory of one training step (``leantune.memory``), seconds per step and wall time.
+The table reports the test metric at the best validation step (several tasks: their average, then each task's
+test metric), the trainable share, the peak tensor memory of one training step (``leantune.memory``), seconds
+per step and wall time.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leantune.commands.train import add_run_arguments, parse_assignments, spec_from_args
 from leantune.errors import ConfigError, LeantuneError
 from leantune.files import write_atomic_bytes, write_atomic_text
 from leantune.registry import PLUGINS_VARIABLE, get_method, is_builtin, plugin_module_names
+
+if TYPE_CHECKING:
+    from leantune.train.run import RunSpec
 
 DEFAULT_METHODS = "full,bitfit,lora,adapter,lst,fish"
 
@@ -88,6 +92,7 @@ def import_root(module_name: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import leantune
+    from leantune.train.run import options_with_tasks
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
@@ -99,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     for method in methods:
         spec = spec_from_args(args, method)
         spec.options = {**spec.options, **options[method]}
-        leantune.make_config(method, **spec.options)  # unknown method or option: fail before training anything
+        # unknown method or option: fail before training anything
+        leantune.make_config(method, **options_with_tasks(spec, spec.task_names()))
         specs[method] = spec
     out = Path(args.output_dir) if args.output_dir else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     environment = child_environment(methods)
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     first = next(iter(specs.values()))
     import torch
 
-    report = {"model": first.model, "task": first.data or first.task, "train": first.train,
+    report = {"model": first.model, "task": first.tasks or first.data or first.task, "train": first.train,
               "torch_threads": torch.get_num_threads(), "rows": rows}
     write_atomic_text(out / "compare.json", json.dumps(report, indent=2) + "\n")
     table = format_table(rows)
@@ -131,12 +137,19 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     plotted = [r for r in rows if "error" not in r]
     if plotted:
-        plot(plotted, out / "compare.png", f"{Path(first.model).name}, {first.task if first.data is None else 'data'}")
+        plot(plotted, out / "compare.png", f"{Path(first.model).name}, {run_title(first)}")
     print(f"wrote {out / 'compare.json'}, {out / 'compare.txt'}" + (f", {out / 'compare.png'}" if plotted else ""))
     if len(plotted) < len(rows):
         raise LeantuneError(f"{len(rows) - len(plotted)} method(s) failed: "
                             + ", ".join(r["method"] for r in rows if "error" in r))
     return 0
+
+
+def run_title(spec: RunSpec) -> str:
+    """What the runs trained on, for the plot: the task, ``data``, or the tasks' names."""
+    if spec.tasks is not None:
+        return " + ".join(spec.task_names())
+    return spec.task if spec.data is None else "data"
 
 
 def step_memory_mib(row: dict[str, Any]) -> float:
@@ -145,16 +158,20 @@ def step_memory_mib(row: dict[str, Any]) -> float:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """One line per method; with several tasks, a column of test metric per task after the average."""
     metric = next((r["metric"] for r in rows if "metric" in r), "metric")
     width = max([10, *(len(r["method"]) for r in rows)])
-    header = (f"{'method':<{width}} {'test ' + metric:>22} {'val':>7} {'trainable%':>10} {'peak step MiB':>13} "
-              f"{'max RSS MiB':>11} {'s/step':>7} {'wall s':>7}")
+    tasks = list(next((r["task_metrics"] for r in rows if len(r.get("task_metrics") or {}) > 1), {}))
+    header = (f"{'method':<{width}} {'test ' + metric:>22} {'val':>7}"
+              + "".join(f" {name[:12]:>12}" for name in tasks)
+              + f" {'trainable%':>10} {'peak step MiB':>13} {'max RSS MiB':>11} {'s/step':>7} {'wall s':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['method']:<{width}} {r['error']}")
             continue
-        lines.append(f"{r['method']:<{width}} {r['test_metric']:>22.4f} {r['validation_metric']:>7.4f} "
+        per_task = "".join(f" {r['task_metrics'][name]['test']:>12.4f}" for name in tasks)
+        lines.append(f"{r['method']:<{width}} {r['test_metric']:>22.4f} {r['validation_metric']:>7.4f}{per_task} "
                      f"{r['trainable_percent']:>10.4f} {step_memory_mib(r):>13,.1f} "
                      f"{r['peak_memory_bytes'] / 2**20:>11,.0f} {r['seconds_per_step']:>7.3f} "
                      f"{r['wall_seconds']:>7.0f}")

@@ -1,4 +1,5 @@
-"""``leantune inspect``: where a method inserts modules in a model, and the table of what it trains."""
+"""``leantune inspect``: where a method inserts modules in a model, which of them are per task and which shared,
+and the table of what it trains."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from leantune.methods.base import BRANCHES, get_branches
-
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from leantune.api import TunedModel
     from leantune.methods.base import TuningMethod
+    from leantune.tasks.multitask import MultiTask
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,8 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="all-MiniLM-L6-v2", help="Model id or local folder.")
     parser.add_argument("--method", default="lst", help="Tuning method.")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="A method option, e.g. --set r=16.")
-    parser.add_argument("--task", default="tweets", help="Task whose head (and data, for data-initialised "
-                        "methods) is used (default: tweets).")
+    parser.add_argument("--task", action="append", help="Task whose head (and data, for data-initialised "
+                        "methods) is used (default: tweets); repeat it for several tasks (a task-aware method then "
+                        "gets their names as its tasks).")
     parser.add_argument("--glue-dir", help="Folder with GLUE's TSV files.")
     parser.add_argument("--all", action="store_true", help="List every delta tensor (default: the first 40).")
     parser.set_defaults(func=run)
@@ -33,14 +35,17 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import leantune
     from leantune.commands.train import parse_assignments
-    from leantune.train.run import RunSpec, build
+    from leantune.train.run import RunSpec, build, options_with_tasks
 
+    names = args.task or ["tweets"]
     spec = RunSpec(model=args.model, method=args.method, options=parse_assignments(args.set, "--set"),
-                   task=args.task, glue_dir=args.glue_dir, train={"train_examples": 256})
-    leantune.make_config(spec.method, **spec.options)  # unknown method or option: fail before loading anything
+                   task=names[0], glue_dir=args.glue_dir, train={"train_examples": 256},
+                   tasks=[{"task": name} for name in names] if len(names) > 1 else None)
+    # unknown method or option: fail before loading anything
+    leantune.make_config(spec.method, **options_with_tasks(spec, spec.task_names()))
     base, _, _, _ = build(spec, for_loading=True)
     modules_before = {name for name, _ in base.named_modules()}
-    tuned, _, _, _ = build(spec)
+    tuned, _, tasks, _ = build(spec)
     print(f"{spec.model} + {spec.method} ({', '.join(f'{k}={v}' for k, v in tuned.method_config.to_dict().items())})")
     print(tuned.backbone.describe())
     print("\nmethod facts:")
@@ -49,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     print("\ninsertion points (modules the method added):")
     for line in insertion_points(tuned, modules_before):
         print(f"  {line}")
+    if len(tasks) > 1:
+        print("\ntasks (each batch holds one):")
+        for line in task_outputs(tuned, tasks):
+            print(f"  {line}")
     print_delta_table(tuned.delta_state_dict(), show_all=args.all)
     tuned.print_trainable_parameters()
     return 0
@@ -70,6 +79,8 @@ def method_facts(method: TuningMethod) -> list[str]:
 def insertion_points(tuned: TunedModel, modules_before: set[str]) -> list[str]:
     """One line per module the method added to the base model, each named branch by its name, and one for
     modules the tuned model owns outside it."""
+    from leantune.methods.base import BRANCHES, get_branches
+
     added = [(name, module) for name, module in tuned.base_model.named_modules() if name not in modules_before]
     tops = [(n, m) for n, m in added if not any(n.startswith(o + ".") for o, _ in added if o != n)]
     lines = []
@@ -77,12 +88,61 @@ def insertion_points(tuned: TunedModel, modules_before: set[str]) -> list[str]:
         owner_name, _, attribute = name.rpartition(".")
         branches = get_branches(tuned.base_model.get_submodule(owner_name)) if attribute == BRANCHES else {}
         if branches:
-            lines += [f"base_model.{name}.{branch}: {type(b).__name__}" for branch, b in branches.items()]
+            lines += [f"base_model.{name}.{branch}: {describe_module(b)}" for branch, b in branches.items()]
         else:
-            lines.append(f"base_model.{name}: {type(module).__name__}")
+            lines.append(f"base_model.{name}: {describe_module(module)}")
     if tuned.method_modules is not None:
-        lines.append(f"method_modules: {type(tuned.method_modules).__name__} (outside the base model)")
+        lines.append(f"method_modules: {describe_module(tuned.method_modules)} (outside the base model)")
     return lines or ["none (the method trains existing parameters)"]
+
+
+def task_outputs(tuned: TunedModel, tasks: MultiTask) -> list[str]:
+    """Where each task's predictions come from: its label words (text-to-text) or its slice of the joint head."""
+    from leantune.train.data import is_text_to_text
+
+    if is_text_to_text(tuned):
+        return [f"{task.name}: text-to-text, generates {', '.join(task.label_names or ['a number'])}"
+                for task in tasks]
+    return [f"{name}: outputs {start}..{stop - 1} of the joint head ({stop - start} of {tasks.num_labels})"
+            for name, (start, stop) in tasks.head_slices().items()]
+
+
+def describe_module(module: nn.Module) -> str:
+    """The module's class and, for a task-aware module, which of its parts are per task and which shared."""
+    layout = task_layout(module)
+    return type(module).__name__ + (f": {layout}" if layout else "")
+
+
+def task_layout(module: nn.Module) -> str | None:
+    """How a module splits its weights between tasks (None when it does not): one branch per task with the
+    modules every branch holds as the same object shared (``PerTask``), per-task rows of an embedding table
+    beside shared modules (Hyperformer's task embeddings and hypernetworks), or weights generated per task."""
+    from torch import nn
+
+    shared_source = module.__dict__.get("shared")
+    if isinstance(getattr(shared_source, "tasks", None), list):
+        return f"weights generated for the call's task ({', '.join(shared_source.tasks)}) by method_modules"
+    tasks = getattr(module, "tasks", None)
+    if not isinstance(tasks, list):
+        return None
+    listed = ", ".join(tasks)
+    per_task = getattr(module, "per_task", None)
+    if isinstance(per_task, nn.ModuleDict):
+        one = next(iter(per_task.values()))
+        shared = module.shared_modules() if hasattr(module, "shared_modules") else set()
+        own = [name for name, child in one.named_children()
+               if name not in shared and any(True for _ in child.parameters())]
+        if not shared:
+            return f"one {type(one).__name__} per task ({listed})"
+        return (f"one {type(one).__name__} per task ({listed}); each task's own: {', '.join(own)}; shared by every "
+                f"task: {', '.join(sorted(n for n in shared if '.' not in n))}")
+    rows = [name for name, child in module.named_children()
+            if isinstance(child, nn.Embedding) and child.num_embeddings == len(tasks)]
+    if not rows:
+        return None
+    shared = [f"{name} ({', '.join(child)})" if isinstance(child, nn.ModuleDict) else name
+              for name, child in module.named_children() if name not in rows]
+    return f"one row of {', '.join(rows)} per task ({listed}); shared by every task: {', '.join(shared)}"
 
 
 def print_delta_table(delta: dict[str, torch.Tensor], show_all: bool, limit: int = 40) -> None:

@@ -1,5 +1,9 @@
-"""``leantune train``: fine-tune a model with one method on a task; with no arguments, the embedded default
-(all-MiniLM-L6-v2 with LST on the built-in tweet-sentiment set, a few minutes on 2 CPU cores)."""
+"""``leantune train``: fine-tune a model with one method on a task or several; with no arguments, the embedded
+default (all-MiniLM-L6-v2 with LST on the built-in tweet-sentiment set, a few minutes on 2 CPU cores).
+
+Several tasks: repeat ``--task NAME`` (a built-in or GLUE task) and/or ``--data FILE``; ``--task NAME --data
+FILE`` is one task named NAME with local data. Per-task options (batch size, prefix, columns, validation and
+test files) go in the config file's ``tasks:`` list."""
 
 from __future__ import annotations
 
@@ -9,14 +13,19 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from leantune.errors import CheckpointError, ConfigError
 from leantune.registry import get_method
 from leantune.train.config import TrainConfig
-from leantune.train.run import DATA_KEYS, DEFAULT_TRAIN_SETTINGS, RunSpec, checked_local_data
+
+if TYPE_CHECKING:
+    from leantune.train.run import RunSpec
+
+TASK_FLAGS = "task_flags"
+"""Where ``--task`` and ``--data`` are kept, in command-line order: ``[("task", NAME) | ("data", FILE), ...]``."""
 
 
 def parse_value(text: str) -> Any:
@@ -37,16 +46,27 @@ def parse_assignments(items: list[str] | None, flag: str) -> dict[str, Any]:
     return values
 
 
+class TaskFlag(argparse.Action):
+    """Appends ``(kind, value)`` for ``--task`` and ``--data`` to one list, so their order is kept."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, TASK_FLAGS, [*(getattr(namespace, TASK_FLAGS, None) or []), (self.const, values)])
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``train`` and ``compare``: model, task or local data, training settings, config."""
+    """Arguments shared by ``train`` and ``compare``: model, task(s) or local data, training settings, config."""
     parser.add_argument("--config", help="A YAML or JSON file with run settings (model, method, options, task, "
-                        "glue_dir, data, train); command-line flags override it.")
+                        "glue_dir, data, tasks, train); command-line flags override it.")
     parser.add_argument("--model", help="Hugging Face model id or local folder (default: all-MiniLM-L6-v2).")
-    parser.add_argument("--task", help="Built-in task: tweets (default) or a GLUE task (cola, sst2, mrpc, qqp, "
-                        "stsb, mnli, qnli, rte).")
+    parser.add_argument("--task", action=TaskFlag, const="task", dest=TASK_FLAGS, metavar="NAME",
+                        help="Built-in task: tweets (default), bbc, or a GLUE task (cola, sst2, mrpc, qqp, stsb, "
+                        "mnli, qnli, rte). Repeat for several tasks; followed by --data FILE: a task NAME with local "
+                        "data.")
     parser.add_argument("--glue-dir", help="Folder with GLUE's TSV files (offline GLUE).")
     data = parser.add_argument_group("local data (replaces --task)")
-    data.add_argument("--data", help="Training file: .csv, .tsv or .jsonl.")
+    data.add_argument("--data", action=TaskFlag, const="data", dest=TASK_FLAGS, metavar="FILE",
+                      help="Training file: .csv, .tsv or .jsonl. Repeat for several tasks.")
     data.add_argument("--validation", help="Validation file (default: split from --data).")
     data.add_argument("--test", help="Test file (default: split from the validation data).")
     data.add_argument("--text-column", help="Column with the text (default: text).")
@@ -83,8 +103,54 @@ def read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
+def task_entries_from_flags(flags: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """``--task``/``--data`` in command-line order as task entries: ``--task NAME`` alone is a built-in or GLUE
+    task, ``--task NAME --data FILE`` a task NAME with local data, ``--data FILE`` alone a task named after FILE."""
+    entries: list[dict[str, str]] = []
+    pending: str | None = None  # a --task not yet paired
+    for kind, value in flags:
+        if kind == "task":
+            if pending is not None:
+                entries.append({"task": pending})
+            pending = value
+        else:
+            entries.append({"name": pending, "data": value} if pending is not None else {"data": value})
+            pending = None
+    if pending is not None:
+        entries.append({"task": pending})
+    return entries
+
+
+def _apply_task_flags(spec: RunSpec, args: argparse.Namespace) -> None:
+    """``--task``/``--data`` and the local-data flags: one plain task sets ``task``/``data`` (merged with the
+    file's data settings), anything else becomes the ``tasks`` list; either replaces the file's tasks."""
+    from leantune.train.run import DATA_KEYS, DEFAULT_TASK, checked_local_data
+
+    entries = task_entries_from_flags(getattr(args, TASK_FLAGS, None) or [])
+    data_flags = {name: getattr(args, name) for name in DATA_KEYS
+                  if name != "data" and getattr(args, name) is not None}
+    several = len(entries) > 1 or (spec.tasks is not None and not entries)
+    if data_flags and several:
+        raise ConfigError(f"--{next(iter(data_flags)).replace('_', '-')} applies to one --data file; with several "
+                          "tasks give each task's files and columns in the config file's 'tasks:' list")
+    if len(entries) > 1 or (entries and "name" in entries[0]):
+        spec.tasks, spec.task, spec.data = entries, DEFAULT_TASK, None
+    elif entries and "task" in entries[0]:
+        spec.tasks, spec.task, spec.data = None, entries[0]["task"], None
+    elif entries:
+        spec.tasks, spec.data = None, {**(spec.data or {}), **entries[0]}
+    if data_flags:
+        if spec.data is None:
+            raise ConfigError(f"--{next(iter(data_flags)).replace('_', '-')} needs --data (the training file)")
+        spec.data = {**spec.data, **data_flags}
+    if spec.data is not None:
+        spec.data = checked_local_data({"text_column": "text", "label_column": "label", **spec.data})
+
+
 def spec_from_args(args: argparse.Namespace, method: str | None) -> RunSpec:
     """The run spec: built-in defaults, then the config file, then command-line flags."""
+    from leantune.train.run import DEFAULT_TASK, DEFAULT_TRAIN_SETTINGS, RunSpec
+
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     spec = RunSpec.from_dict(values)
     spec.train = dict(spec.train)
@@ -92,18 +158,12 @@ def spec_from_args(args: argparse.Namespace, method: str | None) -> RunSpec:
         spec.model = args.model
     if method and method != spec.method:
         spec.method, spec.options = method, {}  # the file's options belong to the file's method
-    if args.task:
-        spec.task, spec.data = args.task, None
     if args.glue_dir:
         spec.glue_dir = args.glue_dir
-    flags = {name: getattr(args, name) for name in DATA_KEYS if getattr(args, name) is not None}
-    if flags:
-        if "data" not in flags and spec.data is None:
-            raise ConfigError(f"--{next(iter(flags)).replace('_', '-')} needs --data (the training file)")
-        spec.data = {**(spec.data or {}), **flags}
-    if spec.data is not None:
-        spec.data = checked_local_data({"text_column": "text", "label_column": "label", **spec.data})
-    builtin_default = spec.data is None and spec.task == "tweets"
+    _apply_task_flags(spec, args)
+    if spec.tasks is not None:
+        spec.task_entries()  # fail now on a bad task entry
+    builtin_default = spec.data is None and spec.tasks is None and spec.task == DEFAULT_TASK
     defaults = DEFAULT_TRAIN_SETTINGS if builtin_default else {"measure_memory": True}
     overrides = {f.name: getattr(args, f"train_{f.name}") for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f"train_{f.name}", None) is not None}
@@ -115,8 +175,7 @@ def spec_from_args(args: argparse.Namespace, method: str | None) -> RunSpec:
 
 
 def default_output_dir(spec: RunSpec) -> Path:
-    task = Path(spec.data["data"]).stem if spec.data else spec.task
-    return Path("runs") / f"{spec.method}-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{spec.method}-{'+'.join(spec.task_names())}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -136,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from leantune.train.loop import train
-    from leantune.train.run import RUN_NAME, build
+    from leantune.train.run import RUN_NAME, RunSpec, build
 
     # Under torchrun every process runs this command; the first one (RANK 0) checks, writes and prints.
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -158,25 +217,28 @@ def run(args: argparse.Namespace) -> int:
         if main_process and (run_dir / RUN_NAME).is_file():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another "
                               "--output-dir")
-    tuned, tokenizer, task, config = build(spec)
+    tuned, tokenizer, tasks, config = build(spec)
     if main_process:
-        print(f"{spec.model} + {spec.method} on {task.describe()}")
+        print(f"{spec.model} + {spec.method} on {tasks.describe()}")
         tuned.print_trainable_parameters()
         spec.write(run_dir)
-    result = train(tuned, task, tokenizer, config, output_dir=run_dir, resume=args.resume)
+    result = train(tuned, tasks, tokenizer, config, output_dir=run_dir, resume=args.resume)
     if main_process:
         print(summary(result, spec))
     return 0
 
 
 def summary(result: Any, spec: RunSpec) -> str:
-    """The lines ``leantune train`` prints at the end."""
+    """The lines ``leantune train`` prints at the end (several tasks: the average, then one line per task)."""
     lines = [
         f"test {result.metric}: {result.test_metric:.4f} (best validation {result.validation_metric:.4f} at step "
         f"{result.best_step}, epoch {result.best_epoch:g})",
-        f"trainable parameters: {result.trainable_parameters:,d} of {result.total_parameters:,d} "
-        f"({result.trainable_percent:.4f}%)",
     ]
+    if len(result.task_metrics) > 1:
+        lines += [f"  {name}: test {m['metric']} {m['test']:.4f} (validation {m['validation']:.4f})"
+                  for name, m in result.task_metrics.items()]
+    lines.append(f"trainable parameters: {result.trainable_parameters:,d} of {result.total_parameters:,d} "
+                 f"({result.trainable_percent:.4f}%)")
     if result.step_memory:
         lines.append(f"peak training memory (one step, {result.step_memory['source']}): "
                      f"{result.step_memory['peak_bytes'] / 2**20:,.1f} MiB")

@@ -1,4 +1,5 @@
-"""Data, formatting and metrics per task family: GLUE, local files and the built-in tweet-sentiment set."""
+"""Data, formatting and metrics per task family: GLUE, local files and the built-in offline sets (tweet sentiment,
+BBC News topics); several tasks of one run (:class:`MultiTask`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import os
 
 from leantune.tasks.core import SPLITS, DataError, Example, Task
 from leantune.tasks.glue import GLUE_TASKS, load_glue
+from leantune.tasks.multitask import MultiTask
 
-BUILTIN_TASKS = ("tweets",)
+BUILTIN_TASKS = ("tweets", "bbc")
 
 
 def task_names() -> list[str]:
@@ -15,16 +17,26 @@ def task_names() -> list[str]:
     return [*BUILTIN_TASKS, *GLUE_TASKS]
 
 
+def canonical_name(name: str) -> str:
+    """The name of the task ``get_task(name)`` loads (GLUE names are lower-cased without dashes: SST-2 -> sst2)."""
+    key = name.lower().replace("-", "")
+    return key if name not in BUILTIN_TASKS and key in GLUE_TASKS else name
+
+
 def get_task(name: str, glue_dir: str | os.PathLike | None = None) -> Task:
-    """A built-in task (``tweets``) or a GLUE task (from ``glue_dir`` if given, else the hub)."""
+    """A built-in task (``tweets``, ``bbc``) or a GLUE task (from ``glue_dir`` if given, else the hub)."""
     if name == "tweets":
         from leantune.tasks.builtin import tweet_sentiment_task
 
         return tweet_sentiment_task()
-    key = name.lower().replace("-", "")
+    if name == "bbc":
+        from leantune.tasks.builtin import bbc_news_task
+
+        return bbc_news_task()
+    key = canonical_name(name)
     if key in GLUE_TASKS:
         return load_glue(key, glue_dir)
     raise DataError(f"unknown task {name!r}; tasks: {', '.join(task_names())} (or pass local files with --data)")
 
 
-__all__ = ["SPLITS", "DataError", "Example", "Task", "get_task", "task_names"]
+__all__ = ["SPLITS", "DataError", "Example", "MultiTask", "Task", "canonical_name", "get_task", "task_names"]

