@@ -403,3 +403,159 @@ def test_generate_uses_transformers_strategies_and_leaves_nothing_behind() -> No
     given = {cache_argument(model): EncoderDecoderCache(DynamicCache(), DynamicCache())}
     with pytest.raises(UnsupportedMethodError, match="cache of its own"):
         tuned.generate(**inputs, max_new_tokens=2, **given)
+
+
+# --- LST for vision and language (the LST paper's CLIP-T5 variant) ---------------------------------------------------
+VL_TOKENS, VL_FEATURES = 5, 12
+
+
+def vl_lst(family: str, seed: int = 0, **options) -> leantune.TunedModel:
+    """LST on a VisionLanguageModel around a tiny backbone (BERT: an answer vocabulary of 7)."""
+    from leantune.vl import VisionLanguageModel
+
+    options.setdefault("reduction_factor", R)
+    options.setdefault("init", "random")
+    model = VisionLanguageModel(make_model(family, seed), VL_FEATURES, num_answers=7 if family == "bert" else None)
+    data = None
+    if options["init"] == "fisher":
+        options.setdefault("fisher_samples", 4)
+        data = [vl_inputs_of(family, seed=s) for s in range(2)]
+    return leantune.wrap(model, leantune.make_config("lst", **options), data=data)
+
+
+def vl_inputs_of(family: str, seed: int = 1, images: int = 1) -> dict:
+    inputs = make_inputs(family, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    inputs["visual_features"] = torch.randn(2, images, VL_TOKENS, VL_FEATURES, generator=g)
+    if family == "bert":
+        inputs["labels"] = torch.randint(0, 7, (2,), generator=g)
+    return inputs
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "bert"])
+def test_vl_backbone_sees_the_text_only_and_the_side_network_text_and_image(family: str) -> None:
+    tuned = vl_lst(family).eval()
+    inputs = vl_inputs_of(family, images=2)
+    text_length = inputs["input_ids"].shape[1]
+    seen = {}
+    stack = tuned.backbone.stacks["encoder"]
+    first_block, side_encoder = stack.blocks[0].module, tuned.method_modules.stacks["encoder"]
+    def backbone_input(_module, args, kwargs) -> None:
+        seen["backbone"] = (args[0] if args else kwargs["hidden_states"]).shape
+
+    def side_output(_module, _args, output) -> None:
+        seen["side"] = output.shape
+
+    handles = [first_block.register_forward_pre_hook(backbone_input, with_kwargs=True),
+               side_encoder.register_forward_hook(side_output)]
+    try:
+        with torch.no_grad():
+            logits = tuned(**inputs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen["backbone"][1] == text_length
+    assert seen["side"][1] == text_length + 2 * VL_TOKENS
+    other = dict(inputs, visual_features=torch.randn_like(inputs["visual_features"]))
+    with torch.no_grad():
+        assert not torch.allclose(tuned(**other).logits, logits)
+
+
+def test_vl_ladders_are_zero_at_the_visual_positions_before_the_gate() -> None:
+    tuned = vl_lst("t5").eval()
+    side = tuned.method_modules.stacks["encoder"]
+    with torch.no_grad():
+        side.gates.normal_()
+    ladders = {i: torch.randn(2, 6, 32) for i in (-1, 0, 1)}
+    extra = torch.randn(2, 3, 32)
+    entering = {}
+
+    def record(_module, args) -> None:
+        entering["h"] = args[0]
+
+    handle = side.blocks["0"].register_forward_pre_hook(record)
+    try:
+        with torch.no_grad():
+            side(ladders, None, extra=extra)
+    finally:
+        handle.remove()
+    mu = side.gate_values()[0]
+    with torch.no_grad():
+        first = side.first_downsample(torch.cat([ladders[-1], extra], dim=1))
+        expected_text = mu * first[:, :6] + (1 - mu) * side.downsamples["0"](ladders[0])
+        torch.testing.assert_close(entering["h"][:, 6:], mu * first[:, 6:])  # only the gate acts on visual tokens
+        torch.testing.assert_close(entering["h"][:, :6], expected_text)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_vl_generation_follows_the_side_logits_with_and_without_cache(family: str) -> None:
+    torch.manual_seed(0)
+    tuned = vl_lst(family)
+    train_steps_vl(tuned, family)
+    tuned.eval()
+    inputs = {k: v for k, v in vl_inputs_of(family, images=2).items() if k != "labels"}
+    greedy = tuned.generate(**inputs, max_new_tokens=5)
+    assert torch.equal(greedy, tuned.generate(**inputs, max_new_tokens=5, use_cache=False))
+    with torch.no_grad():
+        logits = tuned(**inputs, decoder_input_ids=greedy[:, :-1]).logits
+    assert torch.equal(logits.argmax(-1)[:, 0], greedy[:, 1])
+    beams = tuned.generate(**inputs, max_new_tokens=5, num_beams=3)
+    assert torch.equal(beams, tuned.generate(**inputs, max_new_tokens=5, num_beams=3, use_cache=False))
+
+
+def train_steps_vl(tuned: leantune.TunedModel, family: str, steps: int = 2) -> None:
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    tuned.train()
+    for step in range(steps):
+        tuned(**vl_inputs_of(family, seed=step, images=2)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_vl_fisher_init_reads_the_text_only_and_the_projection_stays_float32(tmp_path) -> None:
+    from leantune.vl import VisionLanguageModel
+
+    calls = []
+    original = VisionLanguageModel.forward
+
+    def recording(self, *args, **kwargs):
+        calls.append(kwargs.get("visual_features") is not None)
+        return original(self, *args, **kwargs)
+
+    VisionLanguageModel.forward = recording
+    try:
+        tuned = vl_lst("t5", init="fisher", backbone_dtype="bfloat16")
+    finally:
+        VisionLanguageModel.forward = original
+    assert calls and not any(calls)
+    assert tuned.base_model.text_model.shared.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in tuned.base_model.visual_projection.parameters())
+    train_steps_vl(tuned, "t5")
+    tuned.save_pretrained(tmp_path)
+    restored = leantune.load(VisionLanguageModel(make_model("t5"), VL_FEATURES), tmp_path)
+    inputs = vl_inputs_of("t5", seed=9)
+    tuned.eval(), restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(**inputs).logits, tuned(**inputs).logits, rtol=0, atol=0)
+
+
+def test_vl_inputs_on_a_text_model_are_refused() -> None:
+    tuned = lst("t5")
+    with pytest.raises(ConfigError, match="not a leantune.vl.VisionLanguageModel"):
+        tuned(**vl_inputs_of("t5"))
+
+
+def test_vl_paper_side_network_count_t5_base() -> None:
+    """The LST paper's VL setting (CLIP-T5: T5-base, r=4, all 12 layers): 16,386,072 side parameters, 7.35% of T5-base
+    (research note, section 5), plus the visual projection (T5's RMSNorm: 1,581,312 with 2048-d features)."""
+    from leantune.vl import VisionLanguageModel
+
+    config = hf.T5Config(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64, vocab_size=32128)
+    with torch.device("meta"):
+        model = VisionLanguageModel(hf.T5ForConditionalGeneration(config), feature_dim=2048)
+    tuned = leantune.wrap(model, leantune.make_config("lst", reduction_factor=4, init="random"))
+    side = sum(p.numel() for p in tuned.method_modules.parameters())
+    projection = sum(p.numel() for p in model.visual_projection.parameters())
+    assert side == 16_386_072 and projection == 1_581_312
+    assert tuned.trainable_parameter_count()[0] == side + projection
+    assert round(100 * side / 222_882_048, 2) == 7.35

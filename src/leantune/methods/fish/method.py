@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from leantune.api import always_trained_modules
 from leantune.backbones import Backbone, is_norm
 from leantune.errors import CheckpointError, ConfigError
 from leantune.fisher import fisher_scores
@@ -168,10 +169,11 @@ class Fish(TuningMethod):
             self.decay_rules.append((trained, rule))
 
     def _dense_names(self, model: nn.Module, backbone: Backbone) -> set[str]:
-        """Parameters trained in full and counted inside the budget: the task head and ``modules_to_save``."""
+        """Parameters trained in full and counted inside the budget: the task head, ``modules_to_save`` and the
+        modules the model declares always trained (a vision-language model's visual projection)."""
         modules = [m for _, m in backbone.task_heads()] if self.config.train_head else []
-        modules += [model.get_submodule(n) for n in
-                    resolve_module_names(model, self.config.modules_to_save, "modules_to_save", self.config)]
+        names = resolve_module_names(model, self.config.modules_to_save, "modules_to_save", self.config)
+        modules += [model.get_submodule(n) for n in names + always_trained_modules(model)]
         ids = {id(p) for m in modules for p in m.parameters()}
         return {n for n, p in model.named_parameters() if id(p) in ids}
 
@@ -183,7 +185,8 @@ class Fish(TuningMethod):
         if kept <= self.dense_parameters:
             raise ConfigError(
                 f"FishConfig.keep_ratio={config.keep_ratio!r} keeps {kept} of {self.total_parameters} parameters, "
-                f"no more than the {self.dense_parameters} of the task head"
+                f"no more than the {self.dense_parameters} trained densely (task head, modules_to_save, the "
+                "model's always-trained modules)"
             )
         if config.mask_type == "random":
             scores = random_scores(candidates, config.seed)

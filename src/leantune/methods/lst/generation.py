@@ -16,6 +16,9 @@ its self-attention keys/values in further layers ``L ..`` of the same cache (``C
 reorders backbone and side together. The side cross-attention keys/values are computed once per call: all rows
 of one input share its side encoder output, and ``generate`` expands inputs with ``repeat_interleave`` and only
 reorders rows within one input. Without a cache, every step recomputes the side decoder over the whole prefix.
+
+A vision-language model generates through its text model on the text only; its visual tokens join the side
+encoder (and the side decoder's cross-attention keys) when the backbone encoder has run.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from leantune.errors import UnsupportedMethodError
 from leantune.layers.attention import KeyValueCache
 from leantune.methods.lst.network import BlockCache, padding_keep, record_ladders, self_attention_mask
+from leantune.vl.model import VISUAL_INPUTS, text_model_of
 
 if TYPE_CHECKING:
     from leantune.api import TunedModel
@@ -57,22 +61,28 @@ def cache_argument(model: nn.Module) -> str:
 def generate(method: LadderSideTuning, tuned: TunedModel, *args: Any, **kwargs: Any) -> Any:
     """``tuned.base_model.generate(*args, **kwargs)`` with the side network's logits."""
     model = tuned.base_model
-    name = cache_argument(model)
+    with torch.no_grad():
+        visual = method.visual_inputs(model, *(kwargs.pop(k, None) for k in VISUAL_INPUTS))
+    kwargs.pop("loss_weights", None)
+    text = text_model_of(model)
+    name = cache_argument(text)
     if kwargs.get(name) is not None:
         raise UnsupportedMethodError(f"lst generate() keeps the side decoder's keys and values in a cache of its "
                                      f"own; do not pass {name}")
-    settings = kwargs.get("generation_config") or model.generation_config
+    settings = kwargs.get("generation_config") or text.generation_config
     cache = None
     if kwargs.get("use_cache", settings.use_cache):
         cache = kwargs[name] = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    with _side_logits(method, tuned, cache):
-        return model.generate(*args, **kwargs)
+    with _side_logits(method, tuned, cache, visual):
+        return text.generate(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def _side_logits(method: LadderSideTuning, tuned: TunedModel, cache: EncoderDecoderCache | None) -> Iterator[None]:
+def _side_logits(method: LadderSideTuning, tuned: TunedModel, cache: EncoderDecoderCache | None,
+                 visual: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
     """While active, the base model's forward returns the side network's logits (both in eval mode)."""
     model, network = tuned.base_model, tuned.method_modules
+    text = text_model_of(model)
     side_decoder = network.stacks["decoder"]
     encoder_blocks, decoder_blocks = (method.backbone.stacks[n].blocks for n in ("encoder", "decoder"))
     first_side_layer = len(decoder_blocks)  # side layers follow the backbone decoder's in the cache
@@ -83,7 +93,9 @@ def _side_logits(method: LadderSideTuning, tuned: TunedModel, cache: EncoderDeco
         mask = kwargs.get("attention_mask")
         encoded["mask"] = torch.ones(output[0].shape[:2], dtype=torch.long, device=output[0].device) \
             if mask is None else mask
-        encoded["side"] = method.side_encode(network, encoder_ladders, encoded["mask"])
+        encoded["side"] = method.side_encode(network, encoder_ladders, encoded["mask"], visual)
+        if visual is not None:
+            encoded["visual_mask"] = visual[1]
 
     def after_model(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         rows, length = decoder_ladders[-1].shape[:2]
@@ -93,6 +105,8 @@ def _side_logits(method: LadderSideTuning, tuned: TunedModel, cache: EncoderDeco
         side_encoded = encoded["side"]
         encoder_mask = kwargs.get("attention_mask")
         encoder_mask = encoded["mask"] if encoder_mask is None else encoder_mask
+        if "visual_mask" in encoded:  # the side decoder attends to the text and the visual tokens
+            encoder_mask = torch.cat([encoder_mask, encoded["visual_mask"].to(encoder_mask.dtype)], dim=1)
         caches, past = None, 0
         if cache is not None:
             own = cache.self_attention_cache
@@ -101,7 +115,7 @@ def _side_logits(method: LadderSideTuning, tuned: TunedModel, cache: EncoderDeco
                       for j, i in enumerate(method.kept["decoder"])}
         mask = self_attention_mask(None, length, True, side_decoder.position_bias, side_encoded.device, past)
         side = side_decoder(decoder_ladders, mask, side_encoded, padding_keep(encoder_mask), caches)
-        output.logits = method.lm_logits(model, network, side)
+        output.logits = method.lm_logits(text, network, side)
         return output
 
     with contextlib.ExitStack() as stack:
@@ -110,6 +124,6 @@ def _side_logits(method: LadderSideTuning, tuned: TunedModel, cache: EncoderDeco
             module.eval()
         encoder_ladders = stack.enter_context(record_ladders(encoder_blocks, method.kept["encoder"]))
         decoder_ladders = stack.enter_context(record_ladders(decoder_blocks, method.kept["decoder"]))
-        for module, hook in ((model.get_encoder(), after_encoder), (model, after_model)):
+        for module, hook in ((text.get_encoder(), after_encoder), (text, after_model)):
             stack.callback(module.register_forward_hook(hook, with_kwargs=True).remove)
         yield

@@ -1,4 +1,10 @@
-"""The registered ``lst`` method: checks, building the side network, and the forward passes through it."""
+"""The registered ``lst`` method: checks, building the side network, and the forward passes through it.
+
+On a :class:`leantune.vl.VisionLanguageModel` (LST's CLIP-T5 variant) the frozen backbone sees the text only; the
+visual tokens (from the model's trainable projection) join the side encoder's first ladder after the text, the
+later ladders are zero-padded at their positions, and the side decoder cross-attends to the joint side encoder
+output (text and visual tokens). The projection trains with the side network.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +35,13 @@ from leantune.methods.lst.network import (
 )
 from leantune.methods.lst.pruning import fisher_initialise
 from leantune.registry import register
+from leantune.vl.model import (
+    VISUAL_INPUTS,
+    VisionLanguageModel,
+    answer_loss,
+    text_model_of,
+    weighted_sequence_loss,
+)
 
 if TYPE_CHECKING:
     from leantune.api import TunedModel
@@ -45,6 +58,23 @@ POOLING = {
 MIRRORED_ROLES = ("query", "key", "value", "attention_output", "ffn_input", "ffn_output", "attention_norm",
                   "ffn_norm", "activation")
 CROSS_ATTENTION_ROLES = ("cross_query", "cross_key", "cross_value", "cross_attention_output", "cross_attention_norm")
+
+
+VisualTokens = tuple[torch.Tensor, torch.Tensor]
+"""A vision-language batch's visual tokens (batch, n, d) and their mask (batch, n)."""
+
+
+def joint_mask(attention_mask: torch.Tensor | None, visual: VisualTokens | None) -> torch.Tensor | None:
+    """The side network's key mask: the text's (given whenever there are visual tokens), then the visual tokens'."""
+    if visual is None:
+        return attention_mask
+    return torch.cat([attention_mask, visual[1].to(attention_mask.dtype)], dim=1)
+
+
+def text_only(batches: Any) -> Any:
+    """Task batches without the visual inputs: LST's Fisher comes from the text-only backbone (as in the paper)."""
+    for batch in batches:
+        yield {k: v for k, v in batch.items() if k not in VISUAL_INPUTS}
 
 
 def side_stack_names(backbone: Backbone) -> list[str]:
@@ -114,8 +144,9 @@ class LadderSideTuning(TuningMethod):
         with torch.device(next(model.parameters()).device):
             network = self._build(model, backbone)
         if self.needs_data() and not context.loading:
-            self.pruning = fisher_initialise(model, backbone, self, network, context.data)
-        model.to(DTYPES[self.config.backbone_dtype])
+            data = text_only(context.data) if isinstance(model, VisionLanguageModel) else context.data
+            self.pruning = fisher_initialise(model, backbone, self, network, data)
+        text_model_of(model).to(DTYPES[self.config.backbone_dtype])  # a visual projection stays float32
         return network
 
     def _kept_layers(self, stack: Stack) -> list[int]:
@@ -189,7 +220,8 @@ class LadderSideTuning(TuningMethod):
             upsample = nn.Linear(side_width, last.hidden_size)
         else:
             pooled = 2 * side_width if backbone.arch.pooling == "first+patch_mean" else side_width
-            head = nn.Linear(pooled, model.config.num_labels)
+            outputs = model.num_answers if isinstance(model, VisionLanguageModel) else model.config.num_labels
+            head = nn.Linear(pooled, outputs)
         network = LSTNetwork(stacks, upsample, head, self.config.side_dropout)
         for module in network.modules():  # the paper's init of every plain linear: N(0, 0.01), zero bias
             if isinstance(module, nn.Linear):
@@ -219,22 +251,46 @@ class LadderSideTuning(TuningMethod):
             return self._seq2seq_forward(tuned, **inputs)
         return self._encoder_forward(tuned, **inputs)
 
-    def _encoder_forward(self, tuned: TunedModel, labels: torch.Tensor | None = None, **inputs: Any) -> Any:
+    def visual_inputs(self, model: nn.Module, features: torch.Tensor | None, boxes: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> VisualTokens | None:
+        """The visual tokens of a vision-language batch (from the model's trainable projection), or ``None``."""
+        if features is None:
+            return None
+        if not isinstance(model, VisionLanguageModel):
+            raise ConfigError(f"visual_features were passed, but {type(model).__name__} is not a "
+                              "leantune.vl.VisionLanguageModel")
+        tokens = model.visual_tokens(features, boxes)
+        keep = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device) if mask is None \
+            else mask.reshape(tokens.shape[0], -1).long()
+        return tokens, keep
+
+    def _encoder_forward(self, tuned: TunedModel, labels: torch.Tensor | None = None,
+                         visual_features: torch.Tensor | None = None, visual_boxes: torch.Tensor | None = None,
+                         visual_mask: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None,
+                         **inputs: Any) -> Any:
         model, network = tuned.base_model, tuned.method_modules
         name = self.stack_names[0]
+        visual = self.visual_inputs(model, visual_features, visual_boxes, visual_mask)
         with self.backbone_running(model, tuned.training), \
                 record_ladders(self.backbone.stacks[name].blocks, self.kept[name]) as ladders:
             model.base_model(**inputs)
-        logits = self.classify(network, ladders, inputs.get("attention_mask"))
-        # transformers' own classification loss: regression, single- or multi-label from config.problem_type
-        loss = None if labels is None else ForSequenceClassificationLoss(labels, logits, model.config)
+        logits = self.classify(network, ladders, inputs.get("attention_mask"), visual)
+        if labels is None:
+            loss = None
+        elif isinstance(model, VisionLanguageModel):
+            loss = answer_loss(logits, labels, loss_weights)
+        else:  # transformers' own classification loss: regression, single- or multi-label from config.problem_type
+            loss = ForSequenceClassificationLoss(labels, logits, model.config)
         output_class = SequenceClassifierOutput if self.backbone.arch.modality == "text" else ImageClassifierOutput
         return output_class(loss=loss, logits=logits)
 
     def classify(self, network: LSTNetwork, ladders: dict[int, torch.Tensor],
-                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None, visual: VisualTokens | None = None) -> torch.Tensor:
         """Side-head logits from recorded ladders (encoder models); the part of forward that gets gradients."""
-        side = network.stacks[self.stack_names[0]](ladders, padding_keep(attention_mask))
+        if visual is not None and attention_mask is None:
+            attention_mask = torch.ones(ladders[-1].shape[:2], dtype=torch.long, device=ladders[-1].device)
+        mask = padding_keep(joint_mask(attention_mask, visual))
+        side = network.stacks[self.stack_names[0]](ladders, mask, extra=None if visual is None else visual[0])
         pooled = POOLING[self.backbone.arch.pooling](side)
         return network.head(network.head_dropout(pooled))
 
@@ -246,40 +302,48 @@ class LadderSideTuning(TuningMethod):
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        visual_features: torch.Tensor | None = None,
+        visual_boxes: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
     ) -> Seq2SeqLMOutput:
         model, network = tuned.base_model, tuned.method_modules
+        text = text_model_of(model)
         if decoder_input_ids is None:
             if labels is None:
                 raise ConfigError("lst forward on an encoder-decoder model needs labels or decoder_input_ids")
-            decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+            decoder_input_ids = text.prepare_decoder_input_ids_from_labels(labels=labels)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        visual = self.visual_inputs(model, visual_features, visual_boxes, visual_mask)
         encoder_blocks, decoder_blocks = (self.backbone.stacks[n].blocks for n in ("encoder", "decoder"))
         with self.backbone_running(model, tuned.training):
             with record_ladders(encoder_blocks, self.kept["encoder"]) as encoder_ladders:
-                encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+                encoded = text.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
             with record_ladders(decoder_blocks, self.kept["decoder"]) as decoder_ladders:
-                model.get_decoder()(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
-                                    encoder_hidden_states=encoded, encoder_attention_mask=attention_mask,
-                                    use_cache=False)
-        side_encoded = self.side_encode(network, encoder_ladders, attention_mask)
+                text.get_decoder()(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                                   encoder_hidden_states=encoded, encoder_attention_mask=attention_mask,
+                                   use_cache=False)
+        side_encoded = self.side_encode(network, encoder_ladders, attention_mask, visual)
         side_decoder = network.stacks["decoder"]
         mask = self_attention_mask(decoder_attention_mask, decoder_input_ids.shape[1], True,
                                    side_decoder.position_bias, input_ids.device)
-        side = side_decoder(decoder_ladders, mask, side_encoded, padding_keep(attention_mask))
-        logits = self.lm_logits(model, network, side)
+        side = side_decoder(decoder_ladders, mask, side_encoded, padding_keep(joint_mask(attention_mask, visual)))
+        logits = self.lm_logits(text, network, side)
         loss = None
-        if labels is not None:
+        if labels is not None and loss_weights is not None:
+            loss = weighted_sequence_loss(logits, labels, loss_weights)
+        elif labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return Seq2SeqLMOutput(loss=loss, logits=logits)
 
-    def side_encode(self, network: LSTNetwork, ladders: dict[int, torch.Tensor],
-                    attention_mask: torch.Tensor) -> torch.Tensor:
-        """The side encoder's output from the backbone encoder's ladders."""
+    def side_encode(self, network: LSTNetwork, ladders: dict[int, torch.Tensor], attention_mask: torch.Tensor,
+                    visual: VisualTokens | None = None) -> torch.Tensor:
+        """The side encoder's output from the backbone encoder's ladders (and the visual tokens after the text)."""
         side_encoder = network.stacks["encoder"]
-        mask = self_attention_mask(attention_mask, attention_mask.shape[1], False, side_encoder.position_bias,
-                                   attention_mask.device)
-        return side_encoder(ladders, mask)
+        keys = joint_mask(attention_mask, visual)
+        mask = self_attention_mask(keys, keys.shape[1], False, side_encoder.position_bias, attention_mask.device)
+        return side_encoder(ladders, mask, extra=None if visual is None else visual[0])
 
     def lm_logits(self, model: nn.Module, network: LSTNetwork, side: torch.Tensor) -> torch.Tensor:
         """The frozen LM head on ``Up(side)``, rescaled as the family rescales; float32 logits."""

@@ -4,6 +4,9 @@ A :class:`SideStack` shadows one backbone stack: the first ladder (the input of 
 projected down, then before each kept side layer ``i`` the side state is gated with the projected output of
 backbone block ``i``, ``s <- mu_i * s + (1 - mu_i) * Down_i(h_i)``, ``mu_i = sigmoid(alpha_i / T)``.
 :func:`record_ladders` collects those backbone tensors with forward hooks while the backbone runs.
+
+Extra tokens (LST's CLIP-T5 variant: visual tokens the backbone never sees) join the first ladder after the text
+tokens; every later ladder is zero at their positions, so there the side state is only gated (``mu_i * s``).
 """
 
 from __future__ import annotations
@@ -199,12 +202,19 @@ class SideStack(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         caches: dict[int, BlockCache] | None = None,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``ladders[-1]`` is the first block's input, ``ladders[i]`` block i's output; ``caches`` by layer."""
+        """``ladders[-1]`` is the first block's input, ``ladders[i]`` block i's output; ``caches`` by layer.
+        ``extra`` (batch, n, backbone width): tokens after the text that only the side network sees."""
         mu = self.gate_values()
-        hidden = self.dropout(self.first_downsample(ladders[-1]))
+        first = ladders[-1] if extra is None else torch.cat([ladders[-1], extra.to(ladders[-1].dtype)], dim=1)
+        hidden = self.dropout(self.first_downsample(first))
+        padding = 0 if extra is None else extra.shape[1]
         for i in self.kept:
-            hidden = mu[i] * hidden + (1 - mu[i]) * self.downsamples[str(i)](ladders[i])
+            down = self.downsamples[str(i)](ladders[i])
+            if padding:  # zero at the extra tokens' positions: there only the gate acts
+                down = F.pad(down, (0, 0, 0, padding))
+            hidden = mu[i] * hidden + (1 - mu[i]) * down
             hidden = self.blocks[str(i)](hidden, mask, context, context_mask, None if caches is None else caches[i])
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)

@@ -1,0 +1,280 @@
+"""The vision-language model: visual tokens after the text, the architecture map through the wrapper, every
+method (LST included) training only its parameters and the projection, generation and NLVR2 logit scoring,
+save/load, FISH's dense projection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import VOCAB, assert_only_trainable_parameters_change, make_inputs, make_model
+from torch import nn
+
+import leantune
+from leantune.backbones import resolve
+from leantune.errors import ConfigError, UnsupportedMethodError, UnsupportedModelError
+from leantune.vl import VisionLanguageModel, choice_logits
+from leantune.vl.model import weighted_sequence_loss
+
+FEATURES = 12
+TOKENS = 5
+ANSWERS = 7
+TASKS = ["vqa", "gqa", "nlvr"]
+METHODS = [
+    ("adapter", {"placement": "all"}),
+    ("adapter", {"sharing": "multiple", "tasks": TASKS, "placement": "all", "zero_init_up": False}),
+    ("hyperformer", {"tasks": TASKS}),
+    ("compacter", {}),
+    ("lora", {"sharing": "multiple", "tasks": TASKS, "train_biases": "all"}),
+    ("prompt", {"num_tokens": 3, "reparameterize": True}),
+    ("fish", {"keep_ratio": 0.2, "num_samples": 4}),
+    ("lst", {"reduction_factor": 4, "init": "random"}),
+]
+IDS = [f"{m}-{o.get('sharing', 'single')}" for m, o in METHODS]
+
+
+def vl_model(family: str, seed: int = 0, **options) -> VisionLanguageModel:
+    text_model = make_model(family, seed=seed)
+    torch.manual_seed(seed + 100)
+    return VisionLanguageModel(text_model, FEATURES, num_answers=ANSWERS if family == "bert" else None, **options)
+
+
+def vl_inputs(family: str, batch: int = 2, seed: int = 1, images: int | None = None) -> dict:
+    """Text inputs of the tiny family plus random visual features; BERT gets answer indices as labels."""
+    inputs = make_inputs(family, batch=batch, seed=seed)
+    g = torch.Generator().manual_seed(seed + 50)
+    shape = (batch, TOKENS, FEATURES) if images is None else (batch, images, TOKENS, FEATURES)
+    inputs["visual_features"] = torch.randn(*shape, generator=g)
+    if family == "bert":
+        inputs["labels"] = torch.randint(0, ANSWERS, (batch,), generator=g)
+    return inputs
+
+
+def encoder_input(model: VisionLanguageModel, inputs: dict) -> dict:
+    """What the text model's encoder receives in one forward (inputs_embeds and attention_mask)."""
+    seen = {}
+    encoder = model.text_model.get_encoder() if model.generative else model.text_model
+
+    def hook(_module, _args, kwargs):
+        seen.update({k: kwargs[k] for k in ("inputs_embeds", "attention_mask") if kwargs.get(k) is not None})
+
+    handle = encoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "bert"])
+def test_the_architecture_map_resolves_the_text_models_blocks(family: str) -> None:
+    model = vl_model(family)
+    through_wrapper = resolve(model)
+    direct = resolve(model.text_model)
+    assert through_wrapper.family == direct.family == family
+    assert [b.module for b in through_wrapper.blocks()] == [b.module for b in direct.blocks()]
+    assert all(b.path.startswith("text_model.") for b in through_wrapper.blocks())
+    for block in through_wrapper.blocks():
+        assert model.get_submodule(block.path) is block.module
+    assert (through_wrapper.lm_head() is None) == (family == "bert")
+    if family != "bert":
+        assert through_wrapper.lm_head()[1] is model.text_model.lm_head
+
+
+@pytest.mark.parametrize("family,norm", [("t5", nn.RMSNorm), ("bart", nn.LayerNorm), ("bert", nn.LayerNorm)])
+def test_the_projection_uses_the_backbones_norm_type_and_is_always_trained(family: str, norm: type) -> None:
+    model = vl_model(family)
+    assert type(model.visual_projection.features[1]) is norm
+    assert type(model.visual_projection.boxes[1]) is norm
+    assert "visual_projection" in model.leantune_trainable_modules
+    tuned = leantune.wrap(model, leantune.LoRAConfig())
+    assert all(p.requires_grad for p in model.visual_projection.parameters())
+    assert any(n.startswith("base_model.visual_projection.") for n in tuned.delta_state_dict())
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "bert"])
+def test_visual_tokens_follow_the_text_with_their_mask(family: str) -> None:
+    model = vl_model(family).eval()
+    inputs = vl_inputs(family)
+    seen = encoder_input(model, inputs)
+    text = model.get_input_embeddings()(inputs["input_ids"])
+    length = text.shape[1]
+    torch.testing.assert_close(seen["inputs_embeds"][:, :length], text)
+    torch.testing.assert_close(seen["inputs_embeds"][:, length:], model.visual_tokens(inputs["visual_features"]))
+    assert seen["inputs_embeds"].shape[1] == length + TOKENS
+    assert torch.equal(seen["attention_mask"][:, :length], inputs["attention_mask"])
+    assert bool((seen["attention_mask"][:, length:] == 1).all())
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "bert"])
+def test_the_answer_depends_on_the_features_except_where_they_are_masked(family: str) -> None:
+    model = vl_model(family).eval()
+    inputs = vl_inputs(family)
+    other = dict(inputs, visual_features=torch.randn_like(inputs["visual_features"]))
+    with torch.no_grad():
+        assert not torch.allclose(model(**inputs).logits, model(**other).logits)
+        mask = torch.ones(2, TOKENS, dtype=torch.long)
+        mask[:, 2:] = 0
+        masked = dict(inputs, visual_mask=mask)
+        changed = inputs["visual_features"].clone()
+        changed[:, 2:] = torch.randn_like(changed[:, 2:])
+        torch.testing.assert_close(model(**masked).logits, model(**dict(masked, visual_features=changed)).logits)
+
+
+def test_two_images_give_twice_the_tokens_and_their_order_matters() -> None:
+    model = vl_model("bart").eval()
+    inputs = vl_inputs("bart", images=2)
+    seen = encoder_input(model, inputs)
+    assert seen["inputs_embeds"].shape[1] == inputs["input_ids"].shape[1] + 2 * TOKENS
+    swapped = dict(inputs, visual_features=inputs["visual_features"].flip(1))
+    with torch.no_grad():
+        assert not torch.allclose(model(**inputs).logits, model(**swapped).logits)
+        order = model.visual_projection.image_order.weight
+        tokens = model.visual_tokens(inputs["visual_features"])
+        plain = model.visual_projection.features(inputs["visual_features"]) + model.visual_projection.boxes(
+            torch.zeros(2, 2, TOKENS, 5))
+        torch.testing.assert_close(tokens[:, :TOKENS], plain[:, 0] + order[0])
+        torch.testing.assert_close(tokens[:, TOKENS:], plain[:, 1] + order[1])
+    with pytest.raises(ConfigError, match="at most 2"):
+        model(**vl_inputs("bart", images=3))
+
+
+def test_object_order_adds_the_last_vocabulary_rows() -> None:
+    model = vl_model("t5", object_order=True).eval()
+    plain = vl_model("t5").eval()
+    features = torch.randn(1, TOKENS, FEATURES)
+    table = model.get_input_embeddings().weight
+    with torch.no_grad():
+        expected = plain.visual_tokens(features) + table[VOCAB - 1 - torch.arange(TOKENS)]
+        torch.testing.assert_close(model.visual_tokens(features), expected)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "bert"])
+@pytest.mark.parametrize("method,options", METHODS, ids=IDS)
+def test_each_method_trains_only_its_parameters_and_the_projection(family: str, method: str, options: dict) -> None:
+    data = [vl_inputs(family, batch=2, seed=s) for s in range(2)] if method == "fish" else None
+    tuned = leantune.wrap(vl_model(family), leantune.make_config(method, **options), data=data)
+    tasks = options.get("tasks", [None])
+    optimizer = torch.optim.AdamW(tuned.method.parameter_groups(tuned, 0.0), lr=1e-2)
+    tuned.eval()
+
+    def train() -> None:
+        for step in range(3):
+            task = {"task": tasks[step % len(tasks)]} if tasks[0] else {}
+            boxes = torch.rand(2, TOKENS, 4)  # with boxes every projection weight gets a gradient
+            tuned(**vl_inputs(family, seed=10 + step), visual_boxes=boxes, **task).loss.backward()
+            tuned.method.before_optimizer_step(optimizer)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    changed = assert_only_trainable_parameters_change(tuned, train)
+    projection = {n for n, _ in tuned.named_parameters() if n.startswith("base_model.visual_projection.")}
+    assert projection <= changed, f"untrained projection parameters: {sorted(projection - changed)}"
+    others = changed - projection - {n for n in changed if n.startswith("base_model.classifier.")}
+    assert others, "the method's own parameters did not change"
+    if method == "fish":
+        assert all(".visual_projection." not in n for n in tuned.method.deltas())
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "bert"])
+def test_fish_counts_the_projection_as_dense(family: str) -> None:
+    model = vl_model(family)
+    dense = sum(p.numel() for p in model.visual_projection.parameters())
+    dense += sum(p.numel() for p in model.classifier.parameters()) if family == "bert" else 0
+    tuned = leantune.wrap(model, leantune.make_config("fish", keep_ratio=0.2, mask_type="random"))
+    assert tuned.method.dense_parameters == dense
+    selected = sum(d.indices.numel() for d in tuned.method.deltas().values())
+    assert selected + dense == int(tuned.method.total_parameters * 0.2)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "bert"])
+def test_save_and_load_restore_the_projection_and_the_method(family: str, tmp_path) -> None:
+    tuned = leantune.wrap(vl_model(family), leantune.make_config("adapter", zero_init_up=False))
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    tuned.save_pretrained(tmp_path)
+    loaded = leantune.load(vl_model(family, seed=0), tmp_path)
+    inputs = vl_inputs(family)
+    tuned.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, tuned(**inputs).logits)
+    with pytest.raises(leantune.errors.CheckpointError, match="another base model"):
+        leantune.load(VisionLanguageModel(make_model(family), FEATURES + 1,
+                                          num_answers=ANSWERS if family == "bert" else None), tmp_path)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("method,options", [("adapter", {"zero_init_up": False}),
+                                            ("prompt", {"num_tokens": 3, "reparameterize": True}),
+                                            ("hyperformer", {"tasks": TASKS}),
+                                            ("lst", {"reduction_factor": 4, "init": "random"})],
+                         ids=["adapter", "prompt", "hyper", "lst"])
+def test_generate_sees_the_visual_tokens_at_every_step(family: str, method: str, options: dict) -> None:
+    tuned = leantune.wrap(vl_model(family), leantune.make_config(method, **options)).eval()
+    inputs = {k: v for k, v in vl_inputs(family).items() if k != "labels"}
+    extra = {"task": "gqa"} if "tasks" in options else {}
+    out = tuned.generate(**inputs, **extra, max_new_tokens=4, min_new_tokens=4, do_sample=False, num_beams=1,
+                         output_logits=True, return_dict_in_generate=True)
+    step_logits = torch.stack(out.logits, dim=1)
+    decoder_input_ids = out.sequences[:, :4]
+    with torch.no_grad():
+        expected = tuned(**inputs, **extra, decoder_input_ids=decoder_input_ids).logits
+        other = dict(inputs, visual_features=torch.randn_like(inputs["visual_features"]))
+        without = tuned(**other, **extra, decoder_input_ids=decoder_input_ids).logits
+    torch.testing.assert_close(step_logits, expected)
+    assert not torch.allclose(step_logits[:, -1], without[:, -1])
+
+
+@pytest.mark.parametrize("family,choices", [("t5", [[11, 1], [12, 1]]), ("bart", [[0, 11, 2], [0, 12, 2]])])
+def test_nlvr_choice_logits_equal_the_teacher_forced_logits(family: str, choices: list) -> None:
+    tuned = leantune.wrap(vl_model(family), leantune.make_config("adapter", zero_init_up=False)).eval()
+    inputs = {k: v for k, v in vl_inputs(family, images=2).items() if k != "labels"}
+    scores = choice_logits(tuned, inputs, choices, tuned.config.decoder_start_token_id)
+    assert scores.shape == (2, 2)
+    position = len(choices[0]) - 2  # the first token that differs: T5 at 0, BART after <s> at 1
+    for c, target in enumerate(choices):
+        with torch.no_grad():
+            logits = tuned(**inputs, labels=torch.tensor([target, target])).logits
+        torch.testing.assert_close(scores[:, c], logits[:, position, target[position]])
+
+
+def test_loss_weights_scale_each_examples_mean_token_loss() -> None:
+    model = vl_model("t5").eval()
+    inputs = vl_inputs("t5")
+    inputs["labels"][1, 2:] = -100
+    with torch.no_grad():
+        single = [model(**{k: v[i:i + 1] for k, v in inputs.items()}).loss for i in range(2)]
+        weighted = model(**inputs, loss_weights=torch.tensor([0.3, 0.9])).loss
+        logits = model(**inputs).logits
+    torch.testing.assert_close(weighted, (0.3 * single[0] + 0.9 * single[1]) / 2)
+    torch.testing.assert_close(weighted_sequence_loss(logits, inputs["labels"], torch.ones(2)),
+                               (single[0] + single[1]) / 2)
+
+
+def test_the_encoder_only_model_classifies_with_hard_or_soft_labels() -> None:
+    model = vl_model("bert").eval()
+    inputs = vl_inputs("bert")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        assert logits.shape == (2, ANSWERS)
+        hard = model(**inputs).loss
+        torch.testing.assert_close(hard, nn.functional.cross_entropy(logits, inputs["labels"]))
+        soft_labels = torch.zeros(2, ANSWERS)
+        soft_labels[0, 1], soft_labels[1, 3] = 1.0, 0.6
+        soft = model(**dict(inputs, labels=soft_labels)).loss
+        expected = nn.functional.binary_cross_entropy_with_logits(logits, soft_labels, reduction="sum") / 2
+        torch.testing.assert_close(soft, expected)
+    with pytest.raises(UnsupportedMethodError, match="classification"):
+        model.generate(**inputs)
+
+
+def test_backbones_it_cannot_take_are_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match="decoder-only"):
+        VisionLanguageModel(make_model("gpt2"), FEATURES)
+    with pytest.raises(ConfigError, match="num_answers"):
+        VisionLanguageModel(make_model("bert"), FEATURES)
+    with pytest.raises(ConfigError, match="visual_features must be"):
+        vl_model("t5")(**dict(vl_inputs("t5"), visual_features=torch.randn(2, FEATURES)))
