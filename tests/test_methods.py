@@ -28,7 +28,9 @@ from leantune.registry import get_method, is_builtin
 # of ~25k parameters is less than a task head), the per-call inputs to pass where the method's config requires
 # some.
 TEST_OPTIONS: dict[str, dict[str, Any]] = {"lst": {"init": "random"}, "fish": {"keep_ratio": 0.2}}
-CALL_INPUTS: dict[str, dict[str, Any]] = {}
+CALL_INPUTS: dict[str, dict[str, Any]] = {
+    "lavish": {"audio_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))},
+}
 METHODS = [m for m in leantune.methods() if is_builtin(m)]
 IDENTITY_AT_INIT = {m for m in METHODS if get_method(m).identity_at_init}
 
