@@ -3,67 +3,101 @@
 Labels are inferred from the training file: if every label parses as a number and they are not all integers,
 the task is regression; otherwise each distinct label (sorted) is a class. With only a training file, a
 deterministic 80/10/10 split is made (shuffle seed 42); with a training and a validation file, the validation
-file is halved into validation and test.
+file is halved into validation and test. A label column with a single class is refused; a class with fewer
+examples than the splits need (3 when validation and test are split off the training file) is warned about.
+Files are read as UTF-8 unless ``encoding`` says otherwise (a decoding error names the file and line).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import os
 import random
 import sys
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from leantune.tasks.core import DataError, Example, Task
 
 SPLIT_SEED = 42
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+SPLIT_OFF_NEEDS = 3
+"""Examples a class needs to be able to appear in train, validation and test when both are split off."""
+
+logger = logging.getLogger("leantune.data")
 
 
-def read_rows(path: Path) -> list[tuple[int, dict]]:
-    """``(line number, row)`` for each record of a CSV, TSV or JSONL file."""
+def decode_text(path: Path, encoding: str = "utf-8") -> str:
+    """The text of ``path``; a :class:`DataError` naming the file and line when it is not valid ``encoding``."""
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except LookupError:
+        raise DataError(f"{path}: unknown encoding {encoding!r}") from None
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path} line {line}: byte 0x{data[err.start]:02x} is not valid {encoding} text; give the "
+                        "file's encoding (encoding=, --encoding), e.g. latin-1") from None
+
+
+def read_rows(path: Path, encoding: str = "utf-8", columns: Sequence[str] = ()) -> list[tuple[int, dict]]:
+    """``(line number, row)`` for each record of a CSV, TSV or JSONL file; a CSV/TSV header must hold ``columns``."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unknown data format {path.suffix!r}; use .csv, .tsv or .jsonl")
-    rows: list[tuple[int, dict]] = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        if kind == "jsonl":
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path} line {line_number}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
-                rows.append((line_number, record))
-        else:
-            csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-            reader = csv.DictReader(handle, delimiter="\t" if kind == "tsv" else ",")
-            for record in reader:
-                rows.append((reader.line_num, record))
+    handle = io.StringIO(decode_text(path, encoding), newline="")
+    if kind == "jsonl":
+        rows = _json_rows(path, handle)
+    else:
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        reader = csv.DictReader(handle, delimiter="\t" if kind == "tsv" else ",")
+        header = reader.fieldnames or []
+        missing = [c for c in columns if c not in header]
+        if header and missing:
+            raise DataError(f"{path} has no column {missing[0]!r} (header, line {reader.line_num}; columns: "
+                            f"{', '.join(header)})")
+        rows = [(reader.line_num, record) for record in reader]
     if not rows:
         raise DataError(f"data file {path} has no examples")
     return rows
 
 
+def _json_rows(path: Path, handle: io.StringIO) -> list[tuple[int, dict]]:
+    rows = []
+    for line_number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {line_number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
+        rows.append((line_number, record))
+    return rows
+
+
 def _column(path: Path, line: int, row: dict, column: str) -> object:
     if column not in row:
-        raise DataError(f"{path} has no column {column!r} (line {line}; columns: {', '.join(map(str, row))})")
+        raise DataError(f"{path} line {line}: no key {column!r} (keys: {', '.join(map(str, row))})")
     value = row[column]
     if value is None or (isinstance(value, str) and not value.strip()):
         raise DataError(f"{path} line {line}: column {column!r} is empty")
     return value
 
 
-def _parse_file(path: Path, text_column: str, pair_column: str | None, label_column: str) -> list[tuple]:
+def _parse_file(path: Path, text_column: str, pair_column: str | None, label_column: str,
+                encoding: str = "utf-8") -> list[tuple]:
     """``(line, text, pair, raw label)`` per row, every named column checked."""
     parsed = []
-    for line, row in read_rows(path):
+    columns = [c for c in (text_column, pair_column, label_column) if c]
+    for line, row in read_rows(path, encoding, columns):
         text = str(_column(path, line, row, text_column))
         pair = str(_column(path, line, row, pair_column)) if pair_column else None
         parsed.append((line, text, pair, _column(path, line, row, label_column)))
@@ -94,6 +128,18 @@ def _label_key(value: object) -> str:
     return str(int(number)) if number is not None and number == int(number) else str(value).strip()
 
 
+def check_classes(path: Path, label_column: str, label_names: list[str], labels: list[int], needed: int) -> None:
+    """Refuse a single class; warn about classes with fewer than ``needed`` examples."""
+    if len(label_names) < 2:
+        raise DataError(f"{path}: column {label_column!r} holds one class ({label_names[0]!r}); classification needs "
+                        "at least two")
+    counts = Counter(labels)
+    rare = [f"{name!r} ({counts[i]})" for i, name in enumerate(label_names) if counts[i] < needed]
+    if rare:
+        logger.warning("leantune: %s: column %r has classes with fewer than %d examples, too few for every split: %s",
+                       path, label_column, needed, ", ".join(rare))
+
+
 def _examples(path: Path, parsed: list[tuple], label_names: list[str] | None, label_column: str) -> list[Example]:
     examples = []
     for line, text, pair, raw in parsed:
@@ -122,15 +168,21 @@ def load_local(
     validation: str | os.PathLike | None = None,
     test: str | os.PathLike | None = None,
     name: str | None = None,
+    encoding: str = "utf-8",
 ) -> Task:
-    """A task from local files; see the module docstring for how labels and missing splits are made."""
+    """A task from local files; see the module docstring for how labels and missing splits are made.
+    ``encoding`` is the text encoding of every file (any name Python's codecs know, e.g. ``latin-1``)."""
     if test is not None and validation is None:
         raise DataError("a --test file needs a --validation file too")
     files = {"train": Path(data), "validation": Path(validation) if validation else None,
              "test": Path(test) if test else None}
-    parsed = {s: _parse_file(p, text_column, text_pair_column, label_column) for s, p in files.items() if p}
+    parsed = {s: _parse_file(p, text_column, text_pair_column, label_column, encoding)
+              for s, p in files.items() if p}
     label_names = infer_labels([raw for *_, raw in parsed["train"]])
     examples = {s: _examples(files[s], rows, label_names, label_column) for s, rows in parsed.items()}
+    if label_names is not None:
+        check_classes(files["train"], label_column, label_names, [int(e.label) for e in examples["train"]],
+                      SPLIT_OFF_NEEDS if "validation" not in examples else 1)
     if "validation" not in examples:
         train = examples["train"]
         if len(train) < 3:
@@ -155,5 +207,5 @@ def load_local(
         input_names=(text_column, text_pair_column or ""),
         source={"data": str(data), "validation": str(validation) if validation else None,
                 "test": str(test) if test else None, "text_column": text_column,
-                "text_pair_column": text_pair_column, "label_column": label_column},
+                "text_pair_column": text_pair_column, "label_column": label_column, "encoding": encoding},
     )

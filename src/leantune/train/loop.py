@@ -304,28 +304,32 @@ def _place(model: TunedModel, config: TrainConfig, context: distributed.DistCont
 
 # --- 2. resume ----------------------------------------------------------------------------------------------------
 def resume_run(run: RunState, resume: bool) -> None:
-    """Continue from the run directory's latest checkpoint (``resume``), or refuse to overwrite a run."""
+    """Continue from the run directory's newest intact checkpoint (``resume``), or refuse to overwrite a run.
+
+    The checkpoint is verified and read whole, and checked against this run, before anything is applied."""
     assert run.run_dir is not None
     if run.context.is_main:
         ckpt.recover_best(run.run_dir)
     distributed.barrier(run.context)
-    last = ckpt.latest_checkpoint(run.run_dir)
-    if last is not None and not resume:
-        raise CheckpointError(f"{run.run_dir} already holds a run ({last.name}); resume it (--resume) or choose "
+    existing = ckpt.latest_checkpoint(run.run_dir)
+    if existing is not None and not resume:
+        raise CheckpointError(f"{run.run_dir} already holds a run ({existing.name}); resume it (--resume) or choose "
                               "another output directory")
-    if last is None:
+    loaded = ckpt.read_newest_intact(run.run_dir) if existing is not None else None
+    if loaded is None:
         return
-    state = ckpt.read_state(last)
+    state, last = loaded.state, loaded.path
     _check_same_config(state["config"], run.config, last)
     _check_same_tasks(state.get("tasks"), _task_layout(run), last)
     if len(state["rng"]) != run.context.world_size:
         raise CheckpointError(f"{last} was written by {len(state['rng'])} process(es); resume it with as many "
                               f"(now {run.context.world_size})")
-    if ckpt.is_sharded(last):
+    if loaded.delta is None:
         distributed.load_sharded(last / ckpt.SHARDED, run.model, run.optimizer)
     else:
-        ckpt.load_delta(last, run.model)
+        ckpt.check_delta(loaded, run.model)
         run.optimizer.load_state_dict(state["optimizer"])
+        ckpt.apply_delta(loaded, run.model)
     run.scheduler.load_state_dict(state["scheduler"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
