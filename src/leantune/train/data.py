@@ -21,6 +21,10 @@ from leantune.tasks.multitask import MultiTask
 TASK_INPUT = "task"
 """The per-call input through which a method receives the name of the batch's task."""
 
+MODEL_INPUT_PROCESSOR = "leantune_input_processor"
+"""A model attribute holding the input processor its runs need (a vision-language run's ``FeatureStore``), so
+``leantune train`` and ``leantune eval`` batch its tasks without being handed one."""
+
 InputProcessor = Callable[[str, list[Any]], Any]
 """``processor(name, values)`` turns one non-text input of a batch (one value per example, e.g. image paths)
 into a batch tensor, a mapping of batch tensors (a Hugging Face image processor's output), or a list of
@@ -185,7 +189,11 @@ def task_encoders(
     input_processor: InputProcessor | None = None,
 ) -> list[Encoder]:
     """One encoder per task of a run. Several tasks on a model with a head share a joint head with a slice per
-    task, so its ``num_labels`` must equal the tasks' label counts added up."""
+    task, so its ``num_labels`` must equal the tasks' label counts added up. A task with its own
+    ``encoder_for_model`` (a vision-and-language task: drawn targets, weighted losses, its decoding) builds its
+    encoder. Without ``input_processor`` the model's :data:`MODEL_INPUT_PROCESSOR` attribute is used, if any."""
+    if input_processor is None:
+        input_processor = getattr(model, MODEL_INPUT_PROCESSOR, None)
     slices: dict[str, tuple[int, int]] = {}
     if len(tasks) > 1 and not is_text_to_text(model):
         outputs = getattr(getattr(model, "config", None), "num_labels", None)
@@ -195,8 +203,16 @@ def task_encoders(
                               f"{counts} outputs make num_labels={tasks.num_labels}, but the model's head has "
                               f"{outputs}; load it with num_labels={tasks.num_labels}")
         slices = tasks.head_slices()
-    return [Encoder.for_model(task, tokenizer, model, max_length, max_target_length, input_processor,
-                              slices.get(task.name)) for task in tasks]
+    encoders = []
+    for task in tasks:
+        build = getattr(task, "encoder_for_model", None)
+        if build is not None:
+            encoders.append(build(tokenizer, model, max_length, max_target_length, input_processor,
+                                  slices.get(task.name)))
+        else:
+            encoders.append(Encoder.for_model(task, tokenizer, model, max_length, max_target_length,
+                                              input_processor, slices.get(task.name)))
+    return encoders
 
 
 def _batched(name: str, value: Any) -> dict[str, Any]:

