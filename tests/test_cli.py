@@ -212,3 +212,18 @@ def test_no_arguments_mean_the_embedded_default() -> None:
     args = build_parser().parse_args(["train", "--method", "lora", "--max-length", "32"])
     spec = spec_from_args(args, args.method)
     assert spec.options == {} and spec.train["max_length"] == 32 and spec.train_config().learning_rate == 1e-3
+
+
+def test_encoding_flag_reads_a_latin1_file(tmp_path: Path, model_dir: Path, capsys) -> None:
+    data = tmp_path / "latin.csv"
+    rows = ["text,label"] + [f"caf\xe9 {word},{label}" for word, label in
+                             [("great", "pos"), ("awful", "neg"), ("nice", "pos"), ("bad", "neg"), ("good", "pos"),
+                              ("rude", "neg"), ("lovely", "pos"), ("cold", "neg")]]
+    data.write_bytes("\n".join(rows).encode("latin-1"))
+    code, _, err = run_cli(capsys, "train", "--model", model_dir, "--data", data, "--output-dir", tmp_path / "a",
+                           *FAST)
+    assert code == 2 and "latin.csv line 2" in err and "--encoding" in err
+    code, _, _ = run_cli(capsys, "train", "--model", model_dir, "--data", data, "--encoding", "latin-1",
+                         "--output-dir", tmp_path / "b", *FAST)
+    assert code == 0
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["data"]["encoding"] == "latin-1"

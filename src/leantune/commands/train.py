@@ -72,6 +72,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--text-column", help="Column with the text (default: text).")
     data.add_argument("--text-pair-column", help="Column with the second text of a pair.")
     data.add_argument("--label-column", help="Column with the label (default: label).")
+    data.add_argument("--encoding", help="Text encoding of the data files (default: utf-8; e.g. latin-1).")
     group = parser.add_argument_group("training settings (override the config file)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -60,6 +60,7 @@ class LocalData:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    encoding: str = "utf-8"
 
 
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(LocalData))
@@ -81,6 +82,7 @@ class TaskEntry:
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
+    encoding: str | None = None
     batch_size: int | None = None
     prefix: str | None = None
     features: str | None = None
@@ -110,7 +112,8 @@ class TaskEntry:
     def local_data(self) -> dict[str, Any]:
         """The ``load_local`` arguments of a local-data entry."""
         values = {k: getattr(self, k) for k in DATA_KEYS}
-        return {**values, "text_column": self.text_column or "text", "label_column": self.label_column or "label"}
+        return {**values, "text_column": self.text_column or "text", "label_column": self.label_column or "label",
+                "encoding": self.encoding or "utf-8"}
 
 
 @dataclass
