@@ -28,7 +28,7 @@ demo: $(VENV)/.base
 
 # LAVISH on audio-visual digits (MNIST images + digits spoken by eSpeak NG); about 12 minutes on 2 cores.
 demo-av: $(VENV)/.base
-	$(PIP) install "soundfile>=0.12" espeakng-loader==0.2.4
+	$(PIP) install -e ".[assets,audio-video]" espeakng-loader==0.2.4
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/demo_av.py
 
 test: $(VENV)/.dev
