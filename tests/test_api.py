@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import pytest
 import torch
@@ -183,14 +184,50 @@ def test_load_rejects_another_base_model(saved) -> None:
         leantune.load(other, saved)
 
 
-def test_load_rejects_same_type_other_config(saved) -> None:
+def _tiny_bert(**changes: int):
     import transformers as hf
 
-    other = hf.BertForSequenceClassification(hf.BertConfig(
-        vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, num_labels=3))
-    with pytest.raises(CheckpointError, match="config_sha256"):
-        leantune.load(other, saved)
+    sizes = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=64, num_labels=3)
+    return hf.BertForSequenceClassification(hf.BertConfig(**{**sizes, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_labels": 5}, "num_labels: saved 3, this model 5"),
+        ({"hidden_size": 64}, "hidden_size: saved 32, this model 64"),
+        ({"num_hidden_layers": 3}, "num_hidden_layers: saved 2, this model 3"),
+    ],
+)
+def test_load_onto_another_config_names_the_differing_entries(saved, changes, message) -> None:
+    with pytest.raises(CheckpointError, match="saved from another base model") as raised:
+        leantune.load(_tiny_bert(**changes), saved)
+    assert message in str(raised.value) and "sha256" not in str(raised.value)
+
+
+def test_load_onto_another_class_names_the_classes(saved) -> None:
+    with pytest.raises(CheckpointError, match="model_class: saved BertForSequenceClassification, this model "
+                                              "RobertaForSequenceClassification; model_type: saved bert"):
+        leantune.load(make_model("roberta"), saved)
+
+
+def test_old_records_without_config_values_still_load_and_report_hashes(saved) -> None:
+    path = saved / "leantune_config.json"
+    record = json.loads(path.read_text())
+    del record["base_model"]["config_values"]
+    path.write_text(json.dumps(record))
+    leantune.load(make_model("bert"), saved)  # the same base: accepted
+    with pytest.raises(CheckpointError, match="config_sha256: saved '[0-9a-f]{64}'"):
+        leantune.load(_tiny_bert(num_labels=5), saved)
+
+
+def test_saved_files_have_the_mode_of_a_plain_file(saved, tmp_path_factory) -> None:
+    plain = tmp_path_factory.mktemp("plain") / "plain.txt"
+    plain.write_text("x")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in saved.iterdir()}
+    assert modes == {"delta.safetensors": stat.S_IMODE(plain.stat().st_mode),
+                     "leantune_config.json": stat.S_IMODE(plain.stat().st_mode)}
 
 
 def test_load_rejects_missing_files(saved, tmp_path_factory) -> None:

@@ -78,3 +78,24 @@ def test_bad_options_give_one_line_errors(capsys, argv, message):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "described", "defaults"),
+    [
+        ("memory", "The defaults are the LST paper's Table 1 setting",
+         ["--model {t5-base,t5-small,t5-tiny} T5 architecture, random weights. (default: t5-base)",
+          "Examples per step. (default: 100)", "Encoder tokens per example. (default: 128)",
+          "Decoder tokens per example. (default: 3)", "(default: eager)", "(default: estimate)", "(default: cpu)"]),
+        ("speed", "the median over --rounds timed rounds",
+         ["(default: t5-small)", "Examples per step. (default: 16)", "(default: 5)", "(default: full,lora,lst)"]),
+    ],
+)
+def test_help_describes_the_benchmark_and_shows_every_default(capsys, benchmark, described, defaults):
+    with pytest.raises(SystemExit) as done:
+        main(["bench", benchmark, "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert described in text
+    for default in defaults:
+        assert default in text

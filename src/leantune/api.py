@@ -28,21 +28,34 @@ DELTA_NAME = "delta.safetensors"
 
 # Config keys that differ between a model built in code and the same model loaded from disk.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
+MAX_DIFFERENCES_SHOWN = 6  # differing config entries named in load's error
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """What identifies a base model: its type, a hash of its config, and a hash of its parameter names and shapes."""
+    """What identifies a base model: its class and type, a hash of its config, a hash of its parameter names and
+    shapes, and the config's entries (``config_values``: single values as they are, others as a short hash) so
+    that ``load`` can say what differs."""
     config = getattr(model, "config", None)
     config_dict = config.to_dict() if config is not None else {}
     config_dict = {k: v for k, v in config_dict.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
     shapes = [[name, list(p.shape)] for name, p in model.named_parameters()]
+    values: dict[str, Any] = {"num_labels": getattr(config, "num_labels", None)} if config is not None else {}
+    for key, value in sorted(config_dict.items()):
+        if key == "model_type":  # a field of its own
+            continue
+        values[key] = value if _is_single_value(value) else f"sha256:{_sha256_json(value)[:12]}"
     return {
         "model_class": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "config_sha256": _sha256_json(config_dict),
         "parameters_sha256": _sha256_json(shapes),
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "config_values": values,
     }
+
+
+def _is_single_value(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _sha256_json(value: Any) -> str:
@@ -282,10 +295,36 @@ def _config_from_record(record: dict[str, Any], path: Path) -> MethodConfig:
 
 
 def _check_fingerprint(saved: dict[str, Any], actual: dict[str, Any], directory: Path) -> None:
-    differing = [k for k in saved if saved.get(k) != actual.get(k)]
-    if differing:
-        details = "; ".join(f"{k}: saved {saved[k]!r}, this model {actual.get(k)!r}" for k in differing)
-        raise CheckpointError(f"{directory} was saved from another base model ({details})")
+    """Refuse a base model whose fingerprint differs from the saved one, naming what differs: the class, the
+    config entries, or else the parameter layout. A record written before fingerprints held ``config_values``
+    gets the differing hashes."""
+    differing = [k for k in saved if k != "config_values" and saved.get(k) != actual.get(k)]
+    if not differing:
+        return
+    if isinstance(saved.get("config_values"), dict):
+        details = _differences(saved, actual)
+    else:
+        details = [f"{k}: saved {saved[k]!r}, this model {actual.get(k)!r}" for k in differing]
+    shown = "; ".join(details[:MAX_DIFFERENCES_SHOWN])
+    more = f"; and {len(details) - MAX_DIFFERENCES_SHOWN} more" if len(details) > MAX_DIFFERENCES_SHOWN else ""
+    raise CheckpointError(f"{directory} was saved from another base model ({shown}{more})")
+
+
+def _differences(saved: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """What differs between two fingerprints, in words: class and type, then each differing config entry."""
+    details = [f"{k}: saved {saved.get(k)}, this model {actual.get(k)}" for k in ("model_class", "model_type")
+               if saved.get(k) != actual.get(k)]
+    ours, theirs = saved["config_values"], actual.get("config_values", {})
+    for key in [*ours, *(k for k in theirs if k not in ours)]:
+        before, now = ours.get(key, "(absent)"), theirs.get(key, "(absent)")
+        if before == now:
+            continue
+        hashed = any(isinstance(v, str) and v.startswith("sha256:") for v in (before, now))
+        details.append(f"{key} differs" if hashed else f"{key}: saved {before}, this model {now}")
+    if not details:
+        details.append(f"the parameter names or shapes differ ({saved.get('num_parameters')} parameters saved, "
+                       f"{actual.get('num_parameters')} in this model)")
+    return details
 
 
 def _read_delta(path: Path, sha256: str) -> dict[str, torch.Tensor]:

@@ -19,22 +19,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 import leantune
-from leantune.backbones import Backbone, resolve
-from leantune.config import MethodConfig
 from leantune.errors import ConfigError, LeantuneError, UnsupportedMethodError
 from leantune.files import write_atomic
-from leantune.memory import (
-    TrainingSetup,
-    estimate_peak_training_memory,
-    measure_peak_training_memory,
-    training_step,
-)
+
+if TYPE_CHECKING:  # torch, transformers and leantune's model code load when a benchmark runs, not for --help
+    import torch
+    from torch import nn
+
+    from leantune.config import MethodConfig
+    from leantune.memory import TrainingSetup
 
 # T5 architectures with random weights: t5-base and t5-small have the released checkpoints' dimensions.
 T5_SIZES: dict[str, dict[str, int]] = {
@@ -107,50 +103,65 @@ MEMORY_DEFAULT = "full,adapter,lora,peft-lora,bitfit,prompt,lst,lst-bf16"
 SPEED_DEFAULT = "full,lora,lst"
 
 
+MEMORY_DESCRIPTION = """Peak training memory of one AdamW step per method: every live tensor (parameters,
+gradients, optimizer state, activations, temporaries), what torch.cuda.max_memory_allocated counts. The defaults
+are the LST paper's Table 1 setting: T5-base architecture with random weights, batch 100, source 128 and target 3
+tokens, fp32, eager attention, one row per method in the paper's options. --mode estimate runs the step on fake
+tensors (seconds, no memory used); --mode measure runs it for real on --device."""
+
+SPEED_DESCRIPTION = """Seconds per training step (forward, backward, AdamW step) per method on random T5 weights and
+inputs. The methods take turns within each round (who goes first rotates), and the median over --rounds timed
+rounds is reported, after --warmup untimed ones."""
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="Benchmarks: peak training memory and training-step time.")
+    parser = subparsers.add_parser("bench", help="Benchmarks: peak training memory and training-step time.",
+                                   description=__doc__)
     bench = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
 
     memory = bench.add_parser(
-        "memory", help="Peak training memory per method (the LST paper's Table 1 setting by default)."
+        "memory", help="Peak training memory per method (the LST paper's Table 1 setting by default).",
+        description=MEMORY_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_common_options(memory, model="t5-base", batch=100, methods=MEMORY_DEFAULT)
     memory.add_argument(
         "--mode", choices=("estimate", "measure"), default="estimate",
         help="estimate = run the step on fake tensors (seconds, no memory used); measure = run it for real "
-             "(CPU: torch's memory tracker; CUDA: max_memory_allocated). Default: estimate.",
+             "(CPU: torch's memory tracker; CUDA: max_memory_allocated).",
     )
     memory.add_argument("--device", default="cpu", help="Device for --mode measure: cpu or cuda[:N].")
     memory.set_defaults(func=run_memory)
 
-    speed = bench.add_parser("speed", help="Seconds per training step per method, interleaved rounds, median.")
+    speed = bench.add_parser("speed", help="Seconds per training step per method, interleaved rounds, median.",
+                             description=SPEED_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_common_options(speed, model="t5-small", batch=16, methods=SPEED_DEFAULT)
     speed.add_argument("--rounds", type=int, default=5, help="Timed rounds; each round runs one step per method.")
     speed.add_argument("--warmup", type=int, default=1, help="Untimed rounds first.")
-    speed.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged).")
+    speed.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (None: unchanged).")
     speed.add_argument("--device", default="cpu", help="cpu or cuda[:N].")
     speed.set_defaults(func=run_speed)
 
 
 def _add_common_options(parser: argparse.ArgumentParser, model: str, batch: int, methods: str) -> None:
+    """Options of both benchmarks; the parser's formatter appends every default to its help."""
     parser.add_argument("--model", choices=tuple(T5_SIZES), default=model,
-                        help=f"T5 architecture, random weights (default: {model}).")
+                        help="T5 architecture, random weights.")
     parser.add_argument("--methods", default=methods, help=f"Comma-separated rows: the paper's settings "
-                        f"{', '.join(VARIANTS)}, or any registered method name (its default options) "
-                        f"(default: {methods}). Full fine-tuning is always run: it is the baseline.")
-    parser.add_argument("--batch-size", type=int, default=batch, help=f"Examples per step (default: {batch}).")
+                        f"{', '.join(VARIANTS)}, or any registered method name (its default options). Full "
+                        "fine-tuning is always run: it is the baseline.")
+    parser.add_argument("--batch-size", type=int, default=batch, help="Examples per step.")
     parser.add_argument("--source-length", type=int, default=128, help="Encoder tokens per example.")
     parser.add_argument("--target-length", type=int, default=3, help="Decoder tokens per example.")
     parser.add_argument(
         "--attention", choices=("eager", "sdpa"), default="eager",
         help="Attention kernel of the T5 model: eager keeps every softmax map for backward (as the paper's "
-             "transformers 4.6 did); sdpa uses torch's fused attention. Default: eager.",
+             "transformers 4.6 did); sdpa uses torch's fused attention.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed for the random weights and inputs.")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON instead of a table.")
     parser.add_argument("--out", type=Path, default=None,
                         help="Also write <out>/<name>.json and <out>/<name>.png (a bar chart).")
-    parser.add_argument("--name", default=None, help="File stem for --out (default: derived from the setting).")
+    parser.add_argument("--name", default=None, help="File stem for --out (None: derived from the setting).")
 
 
 # --- building one training setup ------------------------------------------------------------------------------
@@ -165,16 +176,40 @@ def resolve_row(name: str) -> Variant:
                       f"methods: {', '.join(leantune.methods())}")
 
 
+@dataclass(frozen=True)
+class T5Setting:
+    """The benchmarked model and inputs: a T5 architecture with random weights, random tokens."""
+
+    model: str = "t5-base"
+    source_length: int = 128
+    target_length: int = 3
+    attention: str = "eager"
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> T5Setting:
+        return cls(args.model, args.source_length, args.target_length, args.attention, args.seed)
+
+    @property
+    def num_layers(self) -> int:
+        return T5_SIZES[self.model]["num_layers"]
+
+    def config(self) -> Any:
+        from transformers import T5Config
+
+        return T5Config(**T5_SIZES[self.model], decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                        attn_implementation=self.attention)
+
+
 def _variants(args: argparse.Namespace, default: str) -> tuple[dict[str, Variant], dict[str, str]]:
     """Rows to run, full first, and rows of the default list skipped because they cannot run here."""
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     if "full" not in names:
         names.insert(0, "full")
     rows = {name: resolve_row(name) for name in names}
-    backbone = _t5_backbone(args)
     skipped = {}
     for name, row in list(rows.items()):
-        reason = _cannot_run(row, backbone, T5_SIZES[args.model]["num_layers"])
+        reason = cannot_run(row, T5Setting.from_args(args))
         if reason is None:
             continue
         if args.methods != default:
@@ -184,16 +219,9 @@ def _variants(args: argparse.Namespace, default: str) -> tuple[dict[str, Variant
     return rows, skipped
 
 
-def _t5_backbone(args: argparse.Namespace) -> Backbone:
-    """The architecture map of the benchmarked T5, built on the meta device (no memory, no time)."""
-    from transformers import T5ForConditionalGeneration
-
-    with torch.device("meta"):
-        return resolve(T5ForConditionalGeneration(_t5_config(args.model, args.attention)))
-
-
-def _cannot_run(row: Variant, backbone: Backbone, num_layers: int) -> str | None:
-    """Why ``row`` cannot run: peft missing, its method not registered, or the method's ``unsupported_reason``."""
+def cannot_run(row: Variant, setting: T5Setting) -> str | None:
+    """Why ``row`` cannot run: peft missing, its method not registered, or the method's ``unsupported_reason``
+    on the benchmarked T5 (its architecture map, built on the meta device: no memory, no time)."""
     if row.uses_peft:
         try:
             import peft  # noqa: F401
@@ -201,37 +229,40 @@ def _cannot_run(row: Variant, backbone: Backbone, num_layers: int) -> str | None
             return "peft is not installed (pip install peft)"
         return None
     try:
-        config = row.config(num_layers)
+        config = row.config(setting.num_layers)
     except UnsupportedMethodError as err:
         return str(err)
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from leantune.backbones import resolve
+
+    with torch.device("meta"):
+        backbone = resolve(T5ForConditionalGeneration(setting.config()))
     return leantune.get_method(config.method)(config).unsupported_reason(backbone)
 
 
-def _t5_config(model: str, attention: str) -> Any:
-    from transformers import T5Config
-
-    return T5Config(**T5_SIZES[model], decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-                    attn_implementation=attention)
-
-
-def _build(
-    row: Variant, args: argparse.Namespace, device: torch.device, batch_size: int
+def build_training(
+    row: Variant, setting: T5Setting, device: torch.device, batch_size: int
 ) -> tuple[TrainingSetup, int, int]:
-    """A fresh model with the row's method attached, its AdamW, a random batch and the step; also the trainable
-    and total parameter counts."""
+    """A fresh model with the row's method attached, its AdamW, a random batch and the step
+    (:func:`leantune.memory.training_step`); also the trainable and total parameter counts."""
+    import torch
     from transformers import T5ForConditionalGeneration
 
-    torch.manual_seed(args.seed)
-    config = _t5_config(args.model, args.attention)
+    from leantune.memory import training_step
+
+    torch.manual_seed(setting.seed)
+    config = setting.config()
     model = T5ForConditionalGeneration(config)
     if device.type != "cpu":
         model.to(device)
     vocab = config.vocab_size
-    input_ids = torch.randint(2, vocab, (batch_size, args.source_length), device=device)
+    input_ids = torch.randint(2, vocab, (batch_size, setting.source_length), device=device)
     batch = {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
-        "labels": torch.randint(2, vocab, (batch_size, args.target_length), device=device),
+        "labels": torch.randint(2, vocab, (batch_size, setting.target_length), device=device),
     }
     tuned = _attach(row, model, config.num_layers, batch)
     trainable = [p for p in tuned.parameters() if p.requires_grad]
@@ -262,6 +293,8 @@ def _check_sizes(args: argparse.Namespace) -> None:
 
 
 def _device(spec: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(spec)
     except RuntimeError:
@@ -274,6 +307,7 @@ def _device(spec: str) -> torch.device:
 
 
 def _setting(args: argparse.Namespace, benchmark: str, device: torch.device) -> dict[str, Any]:
+    import torch
     import transformers
 
     setting = {
@@ -303,6 +337,8 @@ def _setting(args: argparse.Namespace, benchmark: str, device: torch.device) -> 
 
 def _command_line(args: argparse.Namespace, benchmark: str) -> str:
     """The ``leantune bench`` command that reproduces this run (every option spelled out, --json/--out left off)."""
+    import torch
+
     options = {"model": args.model, "methods": args.methods, "batch-size": args.batch_size,
                "source-length": args.source_length, "target-length": args.target_length,
                "attention": args.attention, "seed": args.seed, "device": args.device}
@@ -320,7 +356,12 @@ def name_width(names: list[str]) -> int:
 
 # --- bench memory -----------------------------------------------------------------------------------------------
 def run_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from leantune.memory import estimate_peak_training_memory, measure_peak_training_memory
+
     _check_sizes(args)
+    setting = T5Setting.from_args(args)
     device = _device(args.device)
     if args.mode == "estimate" and device.type != "cpu":
         raise ConfigError("--device applies to --mode measure; the estimate runs on fake CPU tensors")
@@ -331,7 +372,7 @@ def run_memory(args: argparse.Namespace) -> int:
 
         def setup(row: Variant = row, counts: dict[str, int] = counts) -> TrainingSetup:
             micro_batch = row.micro_batch(args.batch_size)
-            training, counts["trainable"], counts["total"] = _build(row, args, device, micro_batch)
+            training, counts["trainable"], counts["total"] = build_training(row, setting, device, micro_batch)
             return training
 
         start = time.perf_counter()
@@ -423,7 +464,10 @@ def plot_memory(result: dict[str, Any], path: Path) -> None:
 
 # --- bench speed ------------------------------------------------------------------------------------------------
 def run_speed(args: argparse.Namespace) -> int:
+    import torch
+
     _check_sizes(args)
+    setting = T5Setting.from_args(args)
     if args.rounds <= 0 or args.warmup < 0:
         raise ConfigError(f"--rounds must be > 0 and --warmup >= 0, got {args.rounds} and {args.warmup}")
     if args.threads is not None:
@@ -435,7 +479,7 @@ def run_speed(args: argparse.Namespace) -> int:
     names = list(variants)
     setups, counts = {}, {}
     for name, row in variants.items():
-        (step, _, _), trainable, total = _build(row, args, device, args.batch_size)
+        (step, _, _), trainable, total = build_training(row, setting, device, args.batch_size)
         setups[name], counts[name] = step, (trainable, total)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(args.warmup + args.rounds):
