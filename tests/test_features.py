@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers as hf
 from safetensors import safe_open
+from tiny import save_tiny_vit
 
 from leantune.cli import main
 from leantune.vl.features import FeatureError, FeatureSettings, FeatureStore, extract_features, image_tokens
@@ -25,14 +26,7 @@ SIZE = 28  # 4 x 4 patches of 7 pixels
 
 @pytest.fixture(scope="module")
 def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-vit")
-    torch.manual_seed(0)
-    hf.ViTModel(hf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                             image_size=SIZE, patch_size=7)).save_pretrained(path)
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
-    ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}).save_pretrained(path)
-    return path
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit"), SIZE)
 
 
 @pytest.fixture(scope="module")

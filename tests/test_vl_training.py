@@ -14,6 +14,7 @@ import torch
 import transformers as hf
 import yaml
 from safetensors.torch import load_file
+from tiny import save_tiny_vit
 
 from leantune.cli import main
 from leantune.errors import ConfigError
@@ -43,13 +44,8 @@ def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def features_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Features of generated images ``img0``..``img5`` from a tiny random ViT (16 tokens x 32 each)."""
     from PIL import Image
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-    vit = tmp_path_factory.mktemp("tiny-vit")
-    torch.manual_seed(0)
-    hf.ViTModel(hf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                             image_size=SIZE, patch_size=7)).save_pretrained(vit)
-    ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}).save_pretrained(vit)
+    vit = save_tiny_vit(tmp_path_factory.mktemp("tiny-vit"), SIZE, layers=1)
     images = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     for i in range(NUM_IMAGES):

@@ -103,3 +103,14 @@ def assert_only_trainable_parameters_change(tuned: torch.nn.Module, train) -> se
             assert param.grad is None, f"frozen {name} holds a .grad"
     assert changed, "no trainable parameter changed"
     return changed
+
+
+def save_tiny_vit(path, size: int = 28, layers: int = 2):
+    """A tiny random ``ViTModel`` (patches of 7 pixels) and its PIL image processor, saved like a hub model."""
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    torch.manual_seed(0)
+    hf.ViTModel(hf.ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                             image_size=size, patch_size=7)).save_pretrained(path)
+    ViTImageProcessorPil(size={"height": size, "width": size}).save_pretrained(path)
+    return path
