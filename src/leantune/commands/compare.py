@@ -11,6 +11,7 @@ per step and wall time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -92,7 +93,7 @@ def import_root(module_name: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import leantune
-    from leantune.train.run import options_with_tasks
+    from leantune.train.run import options_with_tasks, pinned
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     specs = {}
     for method in methods:
         spec = spec_from_args(args, method)
-        spec.options = {**spec.options, **options[method]}
+        spec = pinned(dataclasses.replace(spec, options={**spec.options, **options[method]}))
         # unknown method or option: fail before training anything
         leantune.make_config(method, **options_with_tasks(spec, spec.task_names()))
         specs[method] = spec
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         config_path = out / f"{method}.json"
         write_atomic_text(config_path, json.dumps(spec.to_dict(), indent=2) + "\n")
         run_dir = out / method
+        set_aside_if_stale(run_dir, method, spec)
         command = [sys.executable, "-m", "leantune", "train", "--config", str(config_path), "--output-dir",
                    str(run_dir)]
         if (run_dir / "run.json").is_file() and not (run_dir / "results.json").is_file():
@@ -143,6 +145,27 @@ def run(args: argparse.Namespace) -> int:
         raise LeantuneError(f"{len(rows) - len(plotted)} method(s) failed: "
                             + ", ".join(r["method"] for r in rows if "error" in r))
     return 0
+
+
+def set_aside_if_stale(run_dir: Path, method: str, spec: RunSpec) -> None:
+    """Move a run in ``run_dir`` whose saved settings differ from ``spec`` to ``<method>.previous-<n>`` (the
+    first free n), printing one line with the settings that differ, so the method is rerun from scratch."""
+    from leantune.train.run import RUN_NAME, RunSpec, describe_differences, spec_differences
+
+    if not (run_dir / RUN_NAME).is_file():
+        return
+    try:
+        differences = describe_differences(spec_differences(RunSpec.read(run_dir), spec))
+    except LeantuneError as err:
+        differences = f"its run.json cannot be used ({err})"
+    if not differences:
+        return
+    number = 1
+    while (aside := run_dir.with_name(f"{method}.previous-{number}")).exists():
+        number += 1
+    run_dir.rename(aside)
+    print(f"== {method}: rerunning, the run in {run_dir} has other settings ({differences}); moved it to {aside}",
+          flush=True)
 
 
 def run_title(spec: RunSpec) -> str:

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from leantune.tasks.multitask import MultiTask
+    from leantune.train.config import TrainConfig
+    from leantune.train.run import RunSpec
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -13,6 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="A directory written by `leantune train`.")
     parser.add_argument("--split", choices=("test", "validation"), default="test", help="Split to score.")
+    parser.add_argument("--allow-changed-data", action="store_true",
+                        help="Evaluate even if a data file's content changed since the run (a loud warning instead "
+                        "of a refusal: the test split may then overlap the training data).")
     parser.set_defaults(func=run)
 
 
@@ -32,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     spec = RunSpec.read(run_dir)
     if not (run_dir / BEST).is_dir():
         raise CheckpointError(f"{run_dir / BEST} is missing: the run has not finished an evaluation yet")
+    check_data_unchanged(spec, args.allow_changed_data)
     model, tokenizer, tasks, config = build(spec, for_loading=True)
+    check_split_sizes(spec, tasks, config)
     tuned = leantune.load(model, run_dir / BEST)
     tasks = tasks.subset({"validation": config.validation_examples, "test": config.test_examples})
     encoders = task_encoders(tasks, tokenizer, tuned, config.max_length, config.max_target_length)
@@ -48,3 +60,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {task.name}: {args.split} {task.metric} {metrics[task.name]:.4f} "
               f"({len(task.splits[args.split]):,d} examples)")
     return 0
+
+
+def check_data_unchanged(spec: RunSpec, allow_changed: bool) -> None:
+    """Refuse (or, with ``allow_changed``, warn loudly) when a data file's content differs from the run's."""
+    from leantune.tasks.core import DataError
+    from leantune.train.run import changed_data, data_sha256
+
+    if not spec.data_sha256:
+        return
+    changed = changed_data(spec.data_sha256, data_sha256(spec))
+    if not changed:
+        return
+    if not allow_changed:
+        raise DataError(f"data file {changed[0]}; its splits may now overlap what the run trained on: evaluate with "
+                        "the run's data, or pass --allow-changed-data to score anyway")
+    for phrase in changed:
+        print(f"WARNING: data file {phrase}; scoring anyway (--allow-changed-data): the numbers are not the "
+              "run's, and the test split may overlap its training data", file=sys.stderr)
+
+
+def check_split_sizes(spec: RunSpec, tasks: MultiTask, config: TrainConfig) -> None:
+    """Warn when the splits rebuilt now differ in size from those the run recorded."""
+    from leantune.train.run import split_sizes
+
+    now = split_sizes(tasks, config)
+    if spec.split_sizes is not None and now != spec.split_sizes:
+        print(f"WARNING: the data's split sizes differ from the run's: now {now}, the run had {spec.split_sizes}",
+              file=sys.stderr)

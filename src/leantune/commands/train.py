@@ -148,11 +148,12 @@ def _apply_task_flags(spec: RunSpec, args: argparse.Namespace) -> None:
         spec.data = checked_local_data({"text_column": "text", "label_column": "label", **spec.data})
 
 
-def spec_from_args(args: argparse.Namespace, method: str | None) -> RunSpec:
-    """The run spec: built-in defaults, then the config file, then command-line flags."""
+def spec_from_args(args: argparse.Namespace, method: str | None, base: dict[str, Any] | None = None) -> RunSpec:
+    """The run spec: built-in defaults (or ``base``: a saved run's settings), then the config file, then
+    command-line flags; paths as typed (:func:`leantune.train.run.pinned` makes them absolute)."""
     from leantune.train.run import DEFAULT_TASK, DEFAULT_TRAIN_SETTINGS, RunSpec
 
-    values: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    values: dict[str, Any] = {**(base or {}), **(read_config_file(args.config) if args.config else {})}
     spec = RunSpec.from_dict(values)
     spec.train = dict(spec.train)
     if args.model:
@@ -175,6 +176,31 @@ def spec_from_args(args: argparse.Namespace, method: str | None) -> RunSpec:
     return spec
 
 
+def resumed_spec(saved: RunSpec, args: argparse.Namespace) -> RunSpec:
+    """The saved run's settings with the display-only flags given applied; any other flag that would change the
+    result is refused, naming each difference (a longer ``--max-steps``/``--epochs`` too: see :data:`LONGER_RUN`)."""
+    from leantune.train.run import describe_differences, pinned, spec_differences, with_absolute_paths
+
+    requested = spec_from_args(args, args.method, base=saved.to_dict())
+    requested.options = {**requested.options, **parse_assignments(args.set, "--set")}
+    requested = pinned(requested)
+    if saved.data_sha256 is None:  # a run saved before data hashes were recorded
+        requested.data_sha256 = None
+    differences = spec_differences(with_absolute_paths(saved), requested)
+    if differences:
+        longer = LONGER_RUN if {"max_steps", "epochs"} & set(differences) else ""
+        raise ConfigError(f"--resume keeps the run's settings; these differ: {describe_differences(differences)}"
+                          f"{longer}")
+    train = dict(saved.train)
+    if args.train_progress is not None:
+        train["progress"] = args.train_progress
+    return dataclasses.replace(saved, train=train)
+
+
+LONGER_RUN = ("; a longer run cannot be resumed exactly, because the learning rate decays linearly to 0 at the "
+              "run's last step, so the steps already taken would have had other rates: start a new run")
+
+
 def default_output_dir(spec: RunSpec) -> Path:
     return Path("runs") / f"{spec.method}-{'+'.join(spec.task_names())}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -188,7 +214,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="A method option, e.g. --set r=16.")
     add_run_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="Continue the run in --output-dir from its latest "
-                        "checkpoint, with the settings saved there.")
+                        "checkpoint, with the settings saved there; other flags that would change the result are "
+                        "refused (--progress/--no-progress apply).")
     parser.set_defaults(func=run)
 
 
@@ -196,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from leantune.train.loop import train
-    from leantune.train.run import RUN_NAME, RunSpec, build
+    from leantune.train.run import RUN_NAME, RunSpec, build, pinned, split_sizes
 
     # Under torchrun every process runs this command; the first one (RANK 0) checks, writes and prints.
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -208,17 +235,18 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.output_dir)
         if not (run_dir / RUN_NAME).is_file():
             raise CheckpointError(f"{run_dir / RUN_NAME} is missing: nothing to resume there")
-        spec = RunSpec.read(run_dir)
+        spec = resumed_spec(RunSpec.read(run_dir), args)
         if main_process:
             print(f"resuming {run_dir} with its saved settings")
     else:
         spec = spec_from_args(args, args.method)
-        spec.options = {**spec.options, **parse_assignments(args.set, "--set")}
+        spec = pinned(dataclasses.replace(spec, options={**spec.options, **parse_assignments(args.set, "--set")}))
         run_dir = Path(args.output_dir) if args.output_dir else default_output_dir(spec)
         if main_process and (run_dir / RUN_NAME).is_file():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another "
                               "--output-dir")
     tuned, tokenizer, tasks, config = build(spec)
+    spec.split_sizes, spec.train = split_sizes(tasks, config), {**spec.train, "seed": config.seed}  # data identity
     if main_process:
         print(f"{spec.model} + {spec.method} on {tasks.describe()}")
         tuned.print_trainable_parameters()

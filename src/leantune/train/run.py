@@ -10,6 +10,7 @@ then wraps the text model as a :class:`leantune.vl.VisionLanguageModel` that rea
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -119,7 +120,8 @@ class TaskEntry:
 @dataclass
 class RunSpec:
     """Everything needed to rebuild a run. ``data`` (local files) replaces ``task`` when set; ``tasks`` (several
-    tasks, each a :class:`TaskEntry` mapping) replaces both."""
+    tasks, each a :class:`TaskEntry` mapping) replaces both. ``data_sha256`` (each local data file's content
+    hash) and ``split_sizes`` (examples per task and split, as trained) record what the data was."""
 
     model: str = DEFAULT_MODEL
     method: str = "lst"
@@ -129,6 +131,8 @@ class RunSpec:
     data: dict[str, Any] | None = None
     train: dict[str, Any] = field(default_factory=dict)
     tasks: list[dict[str, Any]] | None = None
+    data_sha256: dict[str, str] | None = None
+    split_sizes: dict[str, dict[str, int]] | None = None
 
     def train_config(self) -> TrainConfig:
         """The training settings; the learning rate defaults to the method's ``default_learning_rate``."""
@@ -190,6 +194,90 @@ class RunSpec:
         if not isinstance(values, dict):
             raise CheckpointError(f"{path} must hold a mapping of run settings, got {type(values).__name__}")
         return cls.from_dict(values)
+
+
+PATH_KEYS = ("data", "validation", "test", "features")
+
+
+def with_absolute_paths(spec: RunSpec) -> RunSpec:
+    """``spec`` with its data files, features folders, GLUE folder and a local model folder made absolute (relative
+    to the current directory), so the run can be rebuilt from anywhere."""
+    def absolute(entry: dict[str, Any]) -> dict[str, Any]:
+        return {k: os.path.abspath(v) if k in PATH_KEYS and isinstance(v, str) else v for k, v in entry.items()}
+
+    model = os.path.abspath(spec.model) if Path(spec.model).exists() else spec.model
+    return dataclasses.replace(
+        spec, model=model, glue_dir=os.path.abspath(spec.glue_dir) if spec.glue_dir else None,
+        data=absolute(spec.data) if spec.data is not None else None,
+        tasks=[absolute(e) for e in spec.tasks] if spec.tasks is not None else None)
+
+
+def pinned(spec: RunSpec) -> RunSpec:
+    """``spec`` as a run records it: paths absolute (:func:`with_absolute_paths`) and the data files' content
+    hashes (:func:`data_sha256`); the split sizes are recorded once the data is loaded."""
+    spec = with_absolute_paths(spec)
+    return dataclasses.replace(spec, data_sha256=data_sha256(spec), split_sizes=None)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_sha256(spec: RunSpec) -> dict[str, str]:
+    """The SHA-256 of every local data file of the run (training, validation, test; a VL-T5 annotation folder's
+    files), by path; files that do not exist are left out (loading them names them)."""
+    hashes: dict[str, str] = {}
+    for entry in spec.task_entries():
+        for name in (entry.data, entry.validation, entry.test):
+            path = Path(name) if name else None
+            files = sorted(p for p in path.iterdir() if p.is_file()) if path and path.is_dir() else [path]
+            hashes.update({str(f): file_sha256(f) for f in files if f is not None and f.is_file()})
+    return hashes
+
+
+def split_sizes(tasks: MultiTask, config: TrainConfig) -> dict[str, dict[str, int]]:
+    """Examples per task and split, as the run uses them (after ``train_examples`` and the like)."""
+    used = tasks.subset({"train": config.train_examples, "validation": config.validation_examples,
+                         "test": config.test_examples})
+    return {task.name: {split: len(examples) for split, examples in task.splits.items()} for task in used}
+
+
+def changed_data(saved: dict[str, str], current: dict[str, str]) -> list[str]:
+    """One phrase per data file of ``saved`` whose content differs now (or that is gone)."""
+    return [f"{path} (its content changed since the run: SHA-256 {digest[:12]}…, now "
+            f"{current[path][:12] + '…' if path in current else 'missing'})"
+            for path, digest in saved.items() if current.get(path) != digest]
+
+
+DISPLAY_ONLY = ("progress",)
+"""Training settings that change what is shown, not what is trained."""
+
+
+def spec_differences(saved: RunSpec, now: RunSpec) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (now, saved)}`` for every setting that would change the run's result: model, method, the
+    method's options (as built, so a default given explicitly is no difference), tasks and data (with the data
+    files' content hashes), and the training settings (as built) except the display-only ones."""
+    differences = {key: (getattr(now, key), getattr(saved, key))
+                   for key in ("model", "method", "task", "glue_dir", "data", "tasks", "data_sha256")
+                   if getattr(now, key) != getattr(saved, key)}
+    if now.method == saved.method:
+        built_now = dataclasses.asdict(leantune.make_config(now.method, **now.options))
+        built_saved = dataclasses.asdict(leantune.make_config(saved.method, **saved.options))
+        differences.update({key: (value, built_saved.get(key)) for key, value in built_now.items()
+                            if value != built_saved.get(key)})
+    train_now, train_saved = now.train_config().to_dict(), saved.train_config().to_dict()
+    differences.update({key: (value, train_saved[key]) for key, value in train_now.items()
+                        if key not in DISPLAY_ONLY and value != train_saved[key]})
+    return differences
+
+
+def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
+    """``learning_rate 0.5 (saved 0.003), method lora (saved lst)``."""
+    return ", ".join(f"{key} {now} (saved {saved})" for key, (now, saved) in differences.items())
 
 
 def model_path(name: str) -> str:
