@@ -222,6 +222,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from leantune.train import distributed
     from leantune.train.loop import train
     from leantune.train.run import RUN_NAME, RunSpec, build, pinned, split_sizes
 
@@ -252,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
         tuned.print_trainable_parameters()
         spec.write(run_dir)
     result = train(tuned, tasks, tokenizer, config, output_dir=run_dir, resume=args.resume)
+    distributed.close()  # after success only: a failed process must not wait in a barrier for the others
     if main_process:
         print(summary(result, spec))
     return 0

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from leantune.backbones import Backbone
-from leantune.config import ConfigError, MethodConfig, check_choice, check_positive, option
+from leantune.config import MethodConfig, check_choice, check_positive, option
 from leantune.context import CallInput
 from leantune.layers.adapter import ACTIVATIONS
 from leantune.layers.hypernetwork import GeneratedAdapter, HyperformerModules, StackHypernetwork
 from leantune.methods.base import AttachContext, TuningMethod, add_branch
-from leantune.methods.sharing import PLACEMENT_SUBLAYERS, placement_positions
+from leantune.methods.sharing import PLACEMENT_SUBLAYERS, check_task_names, placement_positions
 from leantune.registry import register
 
 BRANCH = "hyperformer"
@@ -48,9 +48,7 @@ class HyperformerConfig(MethodConfig):
         check_positive(self, "reduction_factor", "task_embedding_dim", "hypernet_hidden", "projected_task_dim")
         check_choice(self, "activation", tuple(ACTIVATIONS))
         check_choice(self, "placement", tuple(PLACEMENT_SUBLAYERS))
-        if self.tasks is not None and (not self.tasks or len(set(self.tasks)) != len(self.tasks)):
-            raise ConfigError(f"HyperformerConfig.tasks must be a non-empty list of distinct names, "
-                              f"got {self.tasks!r}")
+        check_task_names(self)
 
 
 @register

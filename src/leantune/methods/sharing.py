@@ -36,9 +36,7 @@ class TaskSharingConfig(MethodConfig):
 
     def validate(self) -> None:
         check_choice(self, "sharing", self.sharing_choices())
-        if self.tasks is not None and (not self.tasks or len(set(self.tasks)) != len(self.tasks)):
-            raise ConfigError(f"{type(self).__name__}.tasks must be a non-empty list of distinct names, "
-                              f"got {self.tasks!r}")
+        check_task_names(self)
         if self.sharing != "single" and self.tasks is None:
             raise ConfigError(f"{type(self).__name__}.sharing={self.sharing!r} needs the task names: set tasks=[...]")
 
@@ -51,6 +49,13 @@ class TaskSharingConfig(MethodConfig):
         required = self.sharing != "single" and len(self.tasks or ()) > 1
         choices = tuple(self.tasks) if self.tasks else None
         return (CallInput("task", "the batch's task name or index", required=required, choices=choices),)
+
+
+def check_task_names(config: MethodConfig) -> None:
+    """Raise :class:`ConfigError` unless ``config.tasks`` is None or a non-empty list of distinct names."""
+    tasks = config.tasks
+    if tasks is not None and (not tasks or len(set(tasks)) != len(tasks)):
+        raise ConfigError(f"{type(config).__name__}.tasks must be a non-empty list of distinct names, got {tasks!r}")
 
 
 def placement_positions(backbone: Backbone, placement: str) -> list[tuple[Block, str, str, nn.Module]]:

@@ -91,6 +91,10 @@ class Task:
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ConfigError(f"unknown metric {self.metric!r} for task {self.name!r}; known: {', '.join(METRICS)}")
+        self.check_splits()
+
+    def check_splits(self) -> None:
+        """Raise :class:`DataError` naming the task and the split if a split has no examples."""
         for split in SPLITS:
             if not self.splits.get(split):
                 raise DataError(f"task {self.name!r} has no {split} examples")

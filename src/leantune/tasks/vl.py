@@ -237,9 +237,7 @@ class VLTask(Task):
     def __post_init__(self) -> None:
         if self.kind not in SPECS:
             raise ConfigError(f"unknown vision-and-language task kind {self.kind!r}; kinds: {', '.join(SPECS)}")
-        for split in SPLITS:
-            if not self.splits.get(split):
-                raise DataError(f"task {self.name!r} has no {split} examples")
+        self.check_splits()
 
     @property
     def spec(self) -> VLTaskSpec:

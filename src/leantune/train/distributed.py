@@ -61,6 +61,14 @@ def setup(device: str | None = None) -> DistContext:
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=target)
 
 
+def close() -> None:
+    """Leave the process group, if one was joined: call it once the process is done with distributed work (a
+    process that exits with the group still open can abort in its communication threads)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
