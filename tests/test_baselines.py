@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 
 import pytest
@@ -16,6 +18,8 @@ from leantune.baselines import (
     classification_baselines,
     majority_baseline,
     majority_class,
+    report_baselines,
+    run_baselines,
     tfidf_logreg_baseline,
 )
 from leantune.errors import ConfigError, UnsupportedMethodError
@@ -129,3 +133,59 @@ def test_probe_facts_and_refusals() -> None:
         leantune.make_config("probe", train_head=False)
     with pytest.raises(UnsupportedMethodError, match="trains only a task head"):
         leantune.wrap(make_model("t5"), leantune.make_config("probe"))
+
+
+def write_csv(path, task: Task) -> str:
+    """``task``'s examples, every split, as one CSV (the run splits it again 80/10/10)."""
+    rows = [f"{e.text},{task.label_names[e.label]}" for split in ("train", "validation", "test")
+            for e in task.splits[split]]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_run_baselines_average_the_tasks_and_reuse_the_cache_only_for_the_same_settings(
+        tmp_path, tiny_bert_dir) -> None:
+    from leantune.train.run import RunSpec, load_tasks, pinned
+
+    files = [write_csv(tmp_path / f"{name}.csv", separable_task(seed=seed))
+             for name, seed in (("first", 1), ("second", 2))]
+    spec = pinned(RunSpec(model=str(tiny_bert_dir), tasks=[{"data": f} for f in files],
+                          train={"max_length": 16, "train_examples": 40, "test_examples": 10}))
+    cache = tmp_path / "baselines.json"
+    report = run_baselines(spec, cache, progress=False)
+    rows = {row["method"]: row for row in report.rows}
+    assert list(rows) == list(BASELINE_LABELS) and report.not_applicable is None
+    tasks = load_tasks(spec).subset({"train": 40, "test": 10})
+    expected = {task.name: majority_baseline(task) for task in tasks}
+    majority = rows["majority"]
+    assert majority["metric"] == "average" and majority["train_examples"] == {"first": 40, "second": 40}
+    assert {name: m["test"] for name, m in majority["task_metrics"].items()} == expected
+    assert majority["test_metric"] == pytest.approx(sum(expected.values()) / 2)
+    # the same settings: the cached report is returned as written (tampered with here, to see it is read)
+    saved = json.loads(cache.read_text())
+    saved["rows"][0]["test_metric"] = -1.0
+    cache.write_text(json.dumps(saved))
+    assert run_baselines(spec, cache, progress=False).rows[0]["test_metric"] == -1.0
+    fewer = dataclasses.replace(spec, train={**spec.train, "train_examples": 20})
+    assert run_baselines(fewer, cache, progress=False).rows[0]["test_metric"] >= 0.0
+    assert json.loads(cache.read_text())["settings"]["train_examples"] == 20
+
+
+def test_run_baselines_of_a_regression_task_load_no_model(tmp_path) -> None:
+    from leantune.train.run import RunSpec, pinned
+
+    data = tmp_path / "scores.csv"
+    data.write_text("text,label\n" + "".join(f"text {i},{i / 7:.3f}\n" for i in range(30)))
+    spec = pinned(RunSpec(model="no-such-org/no-such-model", data={"data": str(data)}))  # never loaded
+    report = run_baselines(spec, progress=False)
+    assert report.rows == [] and "scores: regression task(s)" in report.not_applicable
+    assert report.lines() == [f"baselines: n/a ({report.not_applicable})"]
+
+
+def test_baselines_that_cannot_be_scored_say_why_instead_of_failing_the_run(tmp_path) -> None:
+    from leantune.train.run import RunSpec, pinned
+
+    data = write_csv(tmp_path / "toy.csv", separable_task())
+    spec = pinned(RunSpec(model="no-such-org/no-such-model", data={"data": data}))
+    report = report_baselines(spec, progress=False)
+    assert report.rows == [] and report.not_applicable.startswith("they could not be scored: cannot load model")

@@ -14,7 +14,8 @@ from leantune.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REVIEWS = FIXTURES / "local" / "reviews.csv"
-FAST = ["--no-progress", "--no-measure-memory", "--batch-size", "4", "--epochs", "2", "--max-length", "24"]
+FAST = ["--no-progress", "--no-measure-memory", "--no-baselines", "--batch-size", "4", "--epochs", "2",
+        "--max-length", "24"]
 
 
 @pytest.fixture
@@ -96,6 +97,159 @@ def test_compare_trains_each_method_and_writes_table_json_and_png(tmp_path: Path
     assert any(line.startswith("bitfit") for line in lines) and any(line.startswith("lora") for line in lines)
     assert (out_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out_dir / "lora" / "run.json").read_text())["options"] == {"r": 2}
+
+
+def test_compare_adds_baseline_rows_names_the_data_and_counts_the_whole_wall_time(
+        tmp_path: Path, model_dir: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from leantune.commands import compare
+
+    plotted: list[tuple[list[dict], str]] = []
+    real_plot = compare.plot
+    monkeypatch.setattr(compare, "plot", lambda rows, path, title: plotted.append((rows, title))
+                        or real_plot(rows, path, title))
+    out_dir = tmp_path / "cmp"
+    code, out, _ = run_cli(capsys, "compare", "--methods", "bitfit", "--model", model_dir, "--data", REVIEWS,
+                           "--output-dir", out_dir, "--learning-rate", "0.01", "--max-steps", "2",
+                           *[f for f in FAST if f != "--no-baselines"])
+    assert code == 0
+    report = json.loads((out_dir / "compare.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["bitfit", "majority", "features_logreg", "tfidf_logreg"]
+    assert [bool(r.get("baseline")) for r in report["rows"]] == [False, True, True, True]
+    assert report["rows"][1:] == json.loads((out_dir / "baselines.json").read_text())["rows"]
+    assert not (out_dir / "bitfit" / "baselines.json").exists()  # scored once, not by every method's run
+    table = out[out.index("method "):]
+    assert "baselines (no fine-tuning, same splits" in table
+    majority = report["rows"][1]
+    assert re.search(rf"^majority +{majority['test_metric']:.4f} +- ", table, re.MULTILINE)
+    bitfit = report["rows"][0]
+    assert bitfit["phase_seconds"]["load_and_init"] > 0
+    assert bitfit["wall_seconds"] >= bitfit["phase_seconds"]["load_and_init"] + bitfit["train_seconds"]
+    rows, title = plotted[0]
+    assert title == f"{model_dir.name}, reviews.csv" and len(rows) == 4
+    # a row whose run trained no step of its own (resumed after it finished) shows no rate
+    assert compare.format_table([{**bitfit, "seconds_per_step": None}]).splitlines()[2].split()[-2] == "-"
+
+
+def test_train_and_compare_help_texts_are_whole_and_show_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from leantune.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("train", "compare"):
+        parser = commands[name]
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and action.help.rstrip().endswith((".", ")")), (name, action.option_strings)
+        text = parser.format_help()
+        assert "Evaluate on the first N validation examples." in text
+        assert "Examples per optimizer step (all processes together). (default: 32)" in text
+        assert "(leantune.memory). (default: on)" in text  # the command line measures memory by default
+        assert "(default: the method's default learning rate" in text
+        assert "--baselines, --no-baselines" in text
+    assert "compare.json" in commands["compare"].format_help()
+    assert "runs/<method>-<task>-<time>" in commands["train"].format_help()
+
+
+def sentiment_file(tmp_path: Path, rows: int = 60) -> Path:
+    """A CSV of ``rows`` short texts in two classes (one give-away word each), 80/10/10 when split."""
+    words = {"positive": ["good", "great", "lovely"], "negative": ["bad", "awful", "rude"]}
+    lines = ["text,label"]
+    for i in range(rows):
+        label = ("positive", "negative")[i % 3 == 0]
+        lines.append(f"the {words[label][i % 3]} meal number {i},{label}")
+    path = tmp_path / "meals.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_train_shows_its_phases_the_sizes_it_uses_the_baselines_and_where_the_time_went(
+        tmp_path: Path, model_dir: Path, capsys) -> None:
+    from leantune.baselines import BASELINE_LABELS, majority_baseline, tfidf_logreg_baseline
+    from leantune.tasks.local import load_local
+
+    data, run_dir = sentiment_file(tmp_path), tmp_path / "run"
+    sizes = ["--train-examples", "12", "--validation-examples", "3", "--test-examples", "5"]
+    code, out, err = run_cli(capsys, "train", "--model", model_dir, "--method", "lora", "--data", data, "--output-dir",
+                             run_dir, "--batch-size", "4", "--max-steps", "2", "--max-length", "24",
+                             "--no-measure-memory", *sizes)
+    assert code == 0
+    assert "meals (2 classes, metric accuracy): train 12, validation 3, test 5" in out  # not the file's 48/6/6
+    assert f"loading {model_dir} and the data, attaching lora: done in" in err
+    assert "baselines (majority class, frozen features, TF-IDF): done in" in err
+    # the baselines score the run's own splits: parity with the functions run on them directly
+    task = load_local(data).subset({"train": 12, "validation": 3, "test": 5})
+    rows = {r["method"]: r for r in json.loads((run_dir / "baselines.json").read_text())["rows"]}
+    assert list(rows) == list(BASELINE_LABELS) and all(r["baseline"] for r in rows.values())
+    assert rows["majority"]["test_metric"] == majority_baseline(task)
+    assert rows["tfidf_logreg"]["test_metric"] == tfidf_logreg_baseline(task)
+    assert rows["features_logreg"]["train_examples"] == {"meals": 12}
+    for row in rows.values():
+        line = rf"{re.escape(row['label'])} +test accuracy {row['test_metric']:.4f} +\(\d+\.\d s, fitted on 12 "
+        assert re.search(line, out), row
+    best = max(rows.values(), key=lambda r: r["test_metric"])
+    results = json.loads((run_dir / "results.json").read_text())
+    gap = 100 * (results["test_metric"] - best["test_metric"])
+    assert f"lora vs the best baseline ({best['label']} {best['test_metric']:.4f}): {gap:+.2f} points" in out
+    phases = results["phase_seconds"]
+    assert phases["load_and_init"] > 0
+    assert results["wall_seconds"] >= phases["load_and_init"] + results["train_seconds"]
+    assert f"time: {results['wall_seconds']:.1f} s in all (start-up, loading and initialisation " in out
+    assert f"2 steps at {results['seconds_per_step']:.3f} s/step" in out
+    # --no-progress: no phase lines; --no-baselines: no baselines
+    code, out, err = run_cli(capsys, "train", "--model", model_dir, "--method", "lora", "--data", data,
+                             "--output-dir", tmp_path / "quiet", "--max-steps", "2", *FAST, *sizes)
+    assert code == 0 and "done in" not in err and "baseline" not in out
+    assert not (tmp_path / "quiet" / "baselines.json").exists()
+
+
+def test_baselines_of_a_regression_run_are_not_applicable(tmp_path: Path, model_dir: Path, capsys) -> None:
+    data = tmp_path / "scores.csv"
+    data.write_text("text,label\n" + "".join(f"text number {i},{i / 7:.3f}\n" for i in range(30)))
+    code, out, _ = run_cli(capsys, "train", "--model", model_dir, "--method", "lora", "--data", data, "--output-dir",
+                           tmp_path / "run", "--max-steps", "1", *[f for f in FAST if f != "--no-baselines"])
+    assert code == 0
+    assert "baselines: n/a (scores: regression task(s); baselines are for classification)" in out
+
+
+def test_resume_skips_data_driven_initialisation_and_times_its_own_steps(
+        tmp_path: Path, model_dir: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from leantune.train import loop
+    from leantune.train import run as run_module
+
+    builds: list[dict] = []
+    data_uses: list[int] = []
+    build, batches, run_step = run_module.build, run_module.TaskBatches, loop.train_step
+
+    def spy_build(spec, **options):
+        builds.append(options)
+        return build(spec, **options)
+
+    def spy_batches(*args, **kwargs):
+        data_uses.append(1)
+        return batches(*args, **kwargs)
+
+    def stop_at_step_two(run: loop.RunState) -> float:
+        if run.progress.global_step == 2:
+            raise KeyboardInterrupt
+        return run_step(run)
+
+    monkeypatch.setattr(run_module, "build", spy_build)
+    monkeypatch.setattr(run_module, "TaskBatches", spy_batches)
+    monkeypatch.setattr(loop, "train_step", stop_at_step_two)
+    run_dir = tmp_path / "run"
+    args = ["train", "--model", model_dir, "--method", "lst", "--set", "fisher_samples=4", "--data",
+            sentiment_file(tmp_path), "--output-dir", run_dir, "--max-steps", "4", "--checkpoint-every", "2", *FAST]
+    code, _, _ = run_cli(capsys, *args)
+    assert code == 130 and builds == [{}] and data_uses == [1]  # LST's Fisher init read the data
+    monkeypatch.setattr(loop, "train_step", run_step)
+    code, out, _ = run_cli(capsys, *args, "--resume")
+    assert code == 0 and data_uses == [1]  # not again: the checkpoint replaces it
+    assert builds[1]["initialise"] is False and builds[1]["saved"]
+    assert "2 steps of 4 (resumed at step 2) at " in out
+    code, out, _ = run_cli(capsys, *args, "--resume")
+    assert code == 0 and "no step left to train (the run had finished its 4 steps)" in out and "s/step" not in out
 
 
 def _bad_label_file(tmp_path: Path) -> Path:

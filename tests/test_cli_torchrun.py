@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 REVIEWS = Path(__file__).parent / "fixtures" / "local" / "reviews.csv"
 FISH = ["--method", "fish", "--set", "mask_type=random", "--set", "mode=masked", "--set", "keep_ratio=0.05",
         "--learning-rate", "0.01", "--weight-decay", "0.01", "--batch-size", "4", "--max-steps", "3",
-        "--max-length", "24", "--no-progress", "--no-measure-memory"]
+        "--max-length", "24", "--no-progress", "--no-baselines", "--no-measure-memory"]
 
 
 @pytest.fixture(scope="module")

@@ -65,3 +65,23 @@ def test_a_missing_column_is_reported_at_the_header_line(tmp_path: Path) -> None
     pair.write_text("\n".join(["premise\thypothesis\tlabel"] + [f"p{i}\th{i}\t{i % 2}" for i in range(12)]) + "\n")
     with pytest.raises(DataError, match=r"pairs\.tsv has no column 'second' \(header, line 1;"):
         load_local(pair, text_column="premise", text_pair_column="second")
+
+
+def test_text_and_image_tables_with_the_same_rows_are_split_alike(tmp_path: Path) -> None:
+    """One split rule for every local data: the same rows give the same train/validation/test membership."""
+    from PIL import Image
+
+    from leantune.tasks.images import IMAGE_INPUT, load_images
+
+    rows = [(f"row{i}", "abc"[i % 3]) for i in range(23)]
+    for name, _ in rows:
+        Image.new("RGB", (4, 4), (len(name), 0, 0)).save(tmp_path / f"{name}.png")
+    table = tmp_path / "rows.csv"
+    table.write_text("text,path,label\n" + "".join(f"{n},{n}.png,{label}\n" for n, label in rows))
+    text, images = load_local(table), load_images(table, image_column="path")
+    assert text.label_names == images.label_names == ["a", "b", "c"]
+    for split in ("train", "validation", "test"):
+        names = [e.text for e in text.splits[split]]
+        assert names == [Path(e.inputs[IMAGE_INPUT]).stem for e in images.splits[split]]
+        assert [e.label for e in text.splits[split]] == [e.label for e in images.splits[split]]
+    assert [len(text.splits[s]) for s in ("train", "validation", "test")] == [19, 2, 2]

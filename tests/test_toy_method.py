@@ -27,7 +27,8 @@ from leantune.train.run import RunSpec
 
 PLUGINS = Path(__file__).parent / "plugins"
 REVIEWS = Path(__file__).parent / "fixtures" / "local" / "reviews.csv"
-FAST = ["--no-progress", "--no-measure-memory", "--batch-size", "4", "--epochs", "2", "--max-length", "24"]
+FAST = ["--no-progress", "--no-baselines", "--no-measure-memory", "--batch-size", "4", "--epochs", "2",
+        "--max-length", "24"]
 
 
 @pytest.fixture

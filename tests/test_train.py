@@ -242,6 +242,69 @@ def test_sigkilled_run_resumes_to_bitwise_equal_weights(tmp_path: Path) -> None:
 
 
 
+# --- time and progress that can be trusted (issue 9, defects 7 and 8) ------------------------------------------------
+def test_wall_time_counts_what_came_before_train_and_the_phases_add_up(tmp_path: Path) -> None:
+    tuned = leantune.wrap(make_tiny_bert(), leantune.make_config("lora", r=2))
+    began = time.perf_counter() - 5.0  # as if loading the model had taken 5 s
+    result = leantune.train(tuned, make_task(), tokenizer(), output_dir=tmp_path / "run", epochs=1,
+                            wall_start=began, **SETTINGS)
+    phases = result.phase_seconds
+    assert set(phases) == {"load_and_init", "set_up", "train", "evaluate", "checkpoint"}  # no memory measurement
+    assert phases["load_and_init"] >= 5.0 and phases["train"] == round(result.train_seconds, 3)
+    assert phases["evaluate"] > 0 and result.wall_seconds >= sum(phases.values()) - 0.01
+    assert result.steps == result.steps_run == 4
+    assert result.seconds_per_step == pytest.approx(result.train_seconds / 4)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["phase_seconds"] == phases and saved["wall_seconds"] == result.wall_seconds
+
+
+def test_a_resumed_run_times_only_its_own_steps_and_a_finished_one_reports_no_rate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from leantune.commands.train import time_line
+    from leantune.train import loop
+
+    run_dir, run_step = tmp_path / "run", loop.train_step
+
+    def stop_at_step_two(run: loop.RunState) -> float:
+        if run.progress.global_step == 2:
+            raise KeyboardInterrupt
+        return run_step(run)
+
+    def attempt(resume: bool) -> leantune.TrainResult:
+        tuned = leantune.wrap(make_tiny_bert(), leantune.make_config("lora", r=2))
+        return leantune.train(tuned, make_task(), tokenizer(), output_dir=run_dir, resume=resume, epochs=1,
+                              checkpoint_every=2, **SETTINGS)
+
+    monkeypatch.setattr(loop, "train_step", stop_at_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        attempt(resume=False)
+    monkeypatch.setattr(loop, "train_step", run_step)
+    resumed = attempt(resume=True)
+    assert (resumed.steps, resumed.steps_run) == (4, 2)
+    assert resumed.seconds_per_step == pytest.approx(resumed.train_seconds / 2)
+    assert "training " in time_line(resumed) and "2 steps of 4 (resumed at step 2) at " in time_line(resumed)
+    finished = attempt(resume=True)
+    assert (finished.steps_run, finished.train_seconds, finished.seconds_per_step) == (0, 0.0, None)
+    assert finished.test_metric == resumed.test_metric
+    line = time_line(finished)
+    assert "no step left to train (the run had finished its 4 steps)" in line and "s/step" not in line
+
+
+def test_evaluation_shows_a_bar_once_it_runs_longer_than_the_delay(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from leantune.train import evaluation
+
+    def run(progress: bool) -> str:
+        tuned = leantune.wrap(make_tiny_bert(), leantune.make_config("lora", r=2))
+        leantune.train(tuned, make_task(), tokenizer(), **{**SETTINGS, "progress": progress}, max_steps=1)
+        return capsys.readouterr().err
+
+    assert "validation toy" not in run(progress=True)  # a quick evaluation stays quiet
+    monkeypatch.setattr(evaluation, "BAR_DELAY", 0.0)
+    shown = run(progress=True)
+    assert "validation toy" in shown and "test toy" in shown and "batch" in shown
+    assert run(progress=False) == ""
+
+
 # --- examples with a task name and non-text inputs ------------------------------------------------------------------
 def image_task(n_train: int = 48, n_eval: int = 24, as_paths: bool = False) -> Task:
     """Tiny 28x28 'images' whose class c brightens channel c; ``as_paths`` gives names instead of tensors."""
@@ -309,3 +372,4 @@ def test_the_batch_task_reaches_a_method_that_declares_it_and_mixed_batches_are_
     with pytest.raises(DataError, match="mixes the tasks a, b"):
         encoder.batch(mixed)
     assert "task" not in Encoder.for_model(task, tokenizer(), make_tiny_bert(), 24, 4).batch(mixed)
+

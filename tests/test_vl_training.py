@@ -174,3 +174,17 @@ def test_bart_gets_vl_barts_added_tokens() -> None:
     assert tokenizer.convert_ids_to_tokens(len(tokenizer) - 1) == "<vis_extra_id_0>"
     assert first.get_input_embeddings().weight.shape == (484, 32) and first.config.vocab_size == 484
     assert torch.equal(first.get_input_embeddings().weight, second.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("method", ["fish", "lst"])
+def test_data_initialised_methods_read_soft_vqa_labels_in_a_joint_answer_head(
+        tmp_path: Path, tiny_bert_dir: Path, features_dir: Path, method: str) -> None:
+    """An encoder-only VL run with VQA (soft answer scores) and NLVR2 in one answer head: the batches that
+    initialise FISH's mask and LST's Fisher pruning carry labels of the joint head's width."""
+    config = write_config(tmp_path, tiny_bert_dir, features_dir)
+    run_dir = tmp_path / "run"
+    options = ["fisher_samples=8"] if method == "lst" else ["num_samples=8", "keep_ratio=0.5"]
+    assert main(["train", "--config", str(config), "--output-dir", str(run_dir), "--method", method,
+                 "--max-steps", "2", *[a for option in options for a in ("--set", option)]]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == 2 and list(results["task_metrics"]) == ["vqa", "nlvr"]

@@ -12,19 +12,24 @@ The regularisation ``C`` of both regressions is chosen on the validation split; 
 The head-only method ``probe`` (``leantune train --method probe``) is the trained linear probe.
 
 ``classification_baselines(task, model, tokenizer)`` returns ``{name: test metric}``; :func:`baseline_results`
-also says how long each took.
+also says how long each took. :func:`run_baselines` scores them for a whole run (``leantune train`` and
+``leantune compare`` print them beside the tuned methods): the run's splits as the run cuts them, every task of a
+run with several (the average, as for the run's metric), cached in a JSON file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from leantune.errors import ConfigError
+from leantune.errors import ConfigError, LeantuneError
+from leantune.files import write_atomic_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,7 +37,9 @@ if TYPE_CHECKING:
     from torch import nn
 
     from leantune.tasks.core import Example, Task
+    from leantune.tasks.multitask import MultiTask
     from leantune.train.data import InputProcessor
+    from leantune.train.run import RunSpec
 
 BASELINE_LABELS = {
     "majority": "majority class",
@@ -40,6 +47,9 @@ BASELINE_LABELS = {
     "tfidf_logreg": "TF-IDF + logistic regression",
 }
 C_GRID = (0.1, 1.0, 10.0)
+RUN_MAX_TRAIN_EXAMPLES = 4096
+"""A run's frozen-feature baseline reads the features of at most this many of its training examples."""
+BASELINES_NAME = "baselines.json"
 # ViT-like image models: the first token is a CLS token, the others are patches.
 CLS_TOKEN_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "deit", "beit", "data2vec-vision")
 
@@ -275,3 +285,118 @@ def _device_of(model: nn.Module) -> torch.device:
 
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@dataclass
+class BaselineReport:
+    """A run's baselines: one row per baseline (``rows``), or why there are none (``not_applicable``).
+
+    A row: ``method`` (the baseline's name), ``baseline: True``, ``label``, ``metric`` (the run's metric name),
+    ``test_metric`` (several tasks: their average), ``task_metrics`` (``{task: {"metric", "test"}}``),
+    ``wall_seconds`` and ``train_examples`` (per task, the training examples it was fitted on). ``settings``: what
+    the baselines depend on (:func:`baseline_settings`), so a cached report is reused only for the same ones."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    not_applicable: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The report as the lines ``leantune train`` prints."""
+        if self.not_applicable is not None:
+            return [f"baselines: n/a ({self.not_applicable})"]
+        width = max(len(row["label"]) for row in self.rows)
+        lines = ["baselines (no fine-tuning; same splits):"]
+        for row in self.rows:
+            examples = ", ".join(f"{n:,d}" for n in row["train_examples"].values())
+            lines.append(f"  {row['label']:<{width}}  test {row['metric']} {row['test_metric']:.4f}  "
+                         f"({row['wall_seconds']:.1f} s, fitted on {examples} training examples)")
+        return lines
+
+
+def report_baselines(spec: RunSpec, cache: Path | None = None, progress: bool = True,
+                     tasks: MultiTask | None = None) -> BaselineReport:
+    """:func:`run_baselines`, with a baseline that cannot be scored (a model ``AutoModel`` cannot load, say)
+    reported as not applicable, with the reason, instead of failing the command after its training."""
+    try:
+        return run_baselines(spec, cache, progress, tasks)
+    except LeantuneError as err:
+        return BaselineReport(not_applicable=f"they could not be scored: {err}")
+
+
+def baseline_settings(spec: RunSpec) -> dict[str, Any]:
+    """What a run's baselines depend on: the model, the data (and its content), the split sizes and tokens."""
+    train = spec.train_config()
+    return {"model": spec.model, "task": spec.task, "glue_dir": spec.glue_dir, "data": spec.data,
+            "tasks": spec.tasks, "data_sha256": spec.data_sha256, "train_examples": train.train_examples,
+            "validation_examples": train.validation_examples, "test_examples": train.test_examples,
+            "max_length": train.max_length}
+
+
+def not_applicable_reason(tasks: MultiTask) -> str | None:
+    """Why a run's tasks have no classification baselines (regression, vision and language), or None."""
+    from leantune.tasks.vl import VLTask
+
+    vl = [t.name for t in tasks if isinstance(t, VLTask)]
+    if vl:
+        return f"{', '.join(vl)}: vision-and-language tasks"
+    regression = [t.name for t in tasks if t.is_regression]
+    if regression:
+        return f"{', '.join(regression)}: regression task(s); baselines are for classification"
+    return None
+
+
+def run_baselines(spec: RunSpec, cache: Path | None = None, progress: bool = True,
+                  tasks: MultiTask | None = None) -> BaselineReport:
+    """The baselines of the run ``spec`` describes, on its splits as the run cuts them (``train_examples`` and
+    the like; the frozen features of at most :data:`RUN_MAX_TRAIN_EXAMPLES` training examples per task), with the
+    frozen base model the run starts from. ``tasks``: the run's tasks when already loaded (default: loaded from
+    ``spec``). A ``cache`` file holding a report for the same :func:`baseline_settings` is reused; a new report
+    is written to it."""
+    from leantune.train.data import MODEL_INPUT_PROCESSOR
+    from leantune.train.run import build, load_tasks
+
+    settings = baseline_settings(spec)
+    if cache is not None and cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("settings") == settings:
+            return BaselineReport(**saved)
+    config = spec.train_config()
+    loaded = tasks if tasks is not None else load_tasks(spec)
+    used = loaded.subset({"train": config.train_examples, "validation": config.validation_examples,
+                          "test": config.test_examples})
+    reason = not_applicable_reason(used)
+    report = BaselineReport(not_applicable=reason, settings=settings)
+    if reason is None:
+        model, tokenizer, _, _ = build(spec, for_loading=True, tasks=loaded)
+        per_task = {task.name: baseline_results(
+            task, model, tokenizer, max_train_examples=RUN_MAX_TRAIN_EXAMPLES, max_length=config.max_length,
+            batch_size=config.eval_batch_size, input_processor=getattr(model, MODEL_INPUT_PROCESSOR, None),
+            progress=progress) for task in used}
+        report.rows = _combined_rows(used, per_task)
+    if cache is not None:
+        write_atomic_text(cache, json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _combined_rows(tasks: MultiTask, per_task: dict[str, list[BaselineResult]]) -> list[dict[str, Any]]:
+    """One row per baseline every task has: the tasks' mean metric (a single task's own), the time they took."""
+    from leantune.train.loop import AVERAGE
+
+    names = [n for n in BASELINE_LABELS if all(n in {r.name for r in results} for results in per_task.values())]
+    rows = []
+    for name in names:
+        results = {task: next(r for r in found if r.name == name) for task, found in per_task.items()}
+        train_sizes = {t.name: len(t.splits["train"]) for t in tasks}
+        if name == "features_logreg":
+            train_sizes = {task: min(size, RUN_MAX_TRAIN_EXAMPLES) for task, size in train_sizes.items()}
+        rows.append({
+            "method": name, "baseline": True, "label": BASELINE_LABELS[name],
+            "metric": tasks.tasks[0].metric if len(tasks) == 1 else AVERAGE,
+            "test_metric": sum(r.metric for r in results.values()) / len(results),
+            "task_metrics": {t.name: {"metric": t.metric, "test": results[t.name].metric} for t in tasks},
+            "wall_seconds": sum(r.seconds for r in results.values()), "train_examples": train_sizes,
+        })
+    return rows

@@ -5,7 +5,9 @@ Each method runs as its own ``leantune train`` process (so its process memory is
 plugin method through ``LEANTUNE_PLUGINS``, which is extended with the module of every plugin method compared).
 The table reports the test metric at the best validation step (several tasks: their average, then each task's
 test metric), the trainable share, the peak tensor memory of one training step (``leantune.memory``), seconds
-per step and wall time.
+per step and wall time (loading and initialisation included). For classification, rows for the baselines follow
+(majority class, logistic regression on the frozen model's features, TF-IDF + logistic regression for text;
+``--no-baselines``: none), scored once on the same splits (``OUTPUT_DIR/baselines.json``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE",
                         help="An option of one method, e.g. --set lst.reduction_factor=4.")
     add_run_arguments(parser)
+    parser.add_argument("--output-dir", help="Folder of the comparison: one run folder per method, compare.json, "
+                        "compare.txt, compare.png (default: runs/compare-<time>).")
     parser.set_defaults(func=run)
 
 
@@ -93,6 +97,8 @@ def import_root(module_name: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import leantune
+    from leantune.baselines import BASELINES_NAME, report_baselines
+    from leantune.train.loop import phase
     from leantune.train.run import options_with_tasks, pinned
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -111,6 +117,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir) if args.output_dir else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     environment = child_environment(methods)
     out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(specs.values()))
+    baselines = None
+    if args.baselines:
+        show = first.train_config().progress
+        with phase("baselines (majority class, frozen features, TF-IDF), shared by every method", show):
+            baselines = report_baselines(first, out / BASELINES_NAME, progress=show)
+        print("\n".join(baselines.lines()), flush=True)
     rows = []
     for method, spec in specs.items():
         config_path = out / f"{method}.json"
@@ -118,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir = out / method
         set_aside_if_stale(run_dir, method, spec)
         command = [sys.executable, "-m", "leantune", "train", "--config", str(config_path), "--output-dir",
-                   str(run_dir)]
+                   str(run_dir), "--no-baselines"]
         if (run_dir / "run.json").is_file() and not (run_dir / "results.json").is_file():
             command.append("--resume")
         if not (run_dir / "results.json").is_file():
@@ -128,18 +141,19 @@ def run(args: argparse.Namespace) -> int:
                 rows.append({"method": method, "error": f"leantune train exited with {finished.returncode}"})
                 continue
         rows.append({"method": method, **json.loads((run_dir / "results.json").read_text())})
-    first = next(iter(specs.values()))
     import torch
 
     report = {"model": first.model, "task": first.tasks or first.data or first.task, "train": first.train,
-              "torch_threads": torch.get_num_threads(), "rows": rows}
+              "torch_threads": torch.get_num_threads(), "rows": rows + (baselines.rows if baselines else []),
+              "baselines_not_applicable": baselines.not_applicable if baselines else None}
     write_atomic_text(out / "compare.json", json.dumps(report, indent=2) + "\n")
-    table = format_table(rows)
+    table = format_table(report["rows"])
     write_atomic_text(out / "compare.txt", table + "\n")
     print(table)
     plotted = [r for r in rows if "error" not in r]
     if plotted:
-        plot(plotted, out / "compare.png", f"{Path(first.model).name}, {run_title(first)}")
+        plot(plotted + (baselines.rows if baselines else []), out / "compare.png",
+             f"{Path(first.model).name}, {run_title(first)}")
     print(f"wrote {out / 'compare.json'}, {out / 'compare.txt'}" + (f", {out / 'compare.png'}" if plotted else ""))
     if len(plotted) < len(rows):
         raise LeantuneError(f"{len(rows) - len(plotted)} method(s) failed: "
@@ -169,10 +183,13 @@ def set_aside_if_stale(run_dir: Path, method: str, spec: RunSpec) -> None:
 
 
 def run_title(spec: RunSpec) -> str:
-    """What the runs trained on, for the plot: the task, ``data``, or the tasks' names."""
-    if spec.tasks is not None:
-        return " + ".join(spec.task_names())
-    return spec.task if spec.data is None else "data"
+    """What the runs trained on, for the plot: each task's name, with its data file's name when it has one
+    (``reviews.csv``, ``vqa (vqa.csv)``)."""
+    names = []
+    for entry, name in zip(spec.task_entries(), spec.task_names()):
+        file = Path(entry.data).name if entry.data else None
+        names.append(name if file is None else file if Path(file).stem == name else f"{name} ({file})")
+    return " + ".join(names)
 
 
 def step_memory_mib(row: dict[str, Any]) -> float:
@@ -181,7 +198,8 @@ def step_memory_mib(row: dict[str, Any]) -> float:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """One line per method; with several tasks, a column of test metric per task after the average."""
+    """One line per method; with several tasks, a column of test metric per task after the average. Baseline rows
+    (``"baseline": True``) follow under their own heading, with only their metric and time."""
     metric = next((r["metric"] for r in rows if "metric" in r), "metric")
     width = max([10, *(len(r["method"]) for r in rows)])
     tasks = list(next((r["task_metrics"] for r in rows if len(r.get("task_metrics") or {}) > 1), {}))
@@ -189,33 +207,51 @@ def format_table(rows: list[dict[str, Any]]) -> str:
               + "".join(f" {name[:12]:>12}" for name in tasks)
               + f" {'trainable%':>10} {'peak step MiB':>13} {'max RSS MiB':>11} {'s/step':>7} {'wall s':>7}")
     lines = [header, "-" * len(header)]
+    baselines = [r for r in rows if r.get("baseline")]
     for r in rows:
+        if r.get("baseline"):
+            continue
         if "error" in r:
             lines.append(f"{r['method']:<{width}} {r['error']}")
             continue
         per_task = "".join(f" {r['task_metrics'][name]['test']:>12.4f}" for name in tasks)
+        per_step = r.get("seconds_per_step")
         lines.append(f"{r['method']:<{width}} {r['test_metric']:>22.4f} {r['validation_metric']:>7.4f}{per_task} "
                      f"{r['trainable_percent']:>10.4f} {step_memory_mib(r):>13,.1f} "
-                     f"{r['peak_memory_bytes'] / 2**20:>11,.0f} {r['seconds_per_step']:>7.3f} "
+                     f"{r['peak_memory_bytes'] / 2**20:>11,.0f} {'-' if per_step is None else f'{per_step:.3f}':>7} "
                      f"{r['wall_seconds']:>7.0f}")
+    if baselines:
+        lines.append("baselines (no fine-tuning, same splits; docs/baselines.md):")
+    for r in baselines:
+        per_task = "".join(f" {r['task_metrics'][name]['test']:>12.4f}" for name in tasks)
+        lines.append(f"{r['method']:<{width}} {r['test_metric']:>22.4f} {'-':>7}{per_task} {'-':>10} {'-':>13} "
+                     f"{'-':>11} {'-':>7} {r['wall_seconds']:>7.0f}")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Test metric against peak training memory, one labelled point per method (like LST's Figure 1)."""
+    """Test metric against peak training memory, one labelled point per method (like LST's Figure 1); each
+    baseline, which trains nothing, is a dashed horizontal line at its metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4.2), dpi=120)
-    for r in rows:
+    methods = [r for r in rows if not r.get("baseline")]
+    for r in methods:
         x, y = step_memory_mib(r), 100 * r["test_metric"]
         axes.scatter([x], [y], s=40 + 400 * r["trainable_percent"] / 100)
         axes.annotate(f"{r['method']} ({r['trainable_percent']:.2f}%)", (x, y), textcoords="offset points",
                       xytext=(6, 4), fontsize=9)
+    for r in rows:
+        if r.get("baseline"):
+            axes.axhline(100 * r["test_metric"], color="grey", linestyle="--", linewidth=0.8)
+            axes.annotate(f"baseline: {r['label']}", (0.01, 100 * r["test_metric"]),
+                          xycoords=("axes fraction", "data"), xytext=(0, 2), textcoords="offset points", fontsize=7,
+                          color="grey")
     axes.set_xlabel("peak training memory of one step (MiB)")
-    axes.set_ylabel(f"test {rows[0]['metric']} (x100)")
+    axes.set_ylabel(f"test {methods[0]['metric']} (x100)")
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.margins(x=0.2, y=0.1)

@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="Evaluate a saved run (its best checkpoint) on its test split.",
                                    description=__doc__)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="A directory written by `leantune train`.")
-    parser.add_argument("--split", choices=("test", "validation"), default="test", help="Split to score.")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="Split to score (default: test).")
     parser.add_argument("--allow-changed-data", action="store_true",
                         help="Evaluate even if a data file's content changed since the run (a loud warning instead "
                         "of a refusal: the test split may then overlap the training data).")

@@ -1,5 +1,7 @@
 """``leantune inspect``: where a method inserts modules in a model, which of them are per task and which shared,
-and the table of what it trains."""
+and the table of what it trains. A vision model (ViT, DINOv2, Swin, CLIP, ...) without ``--task`` is shown as an
+image classifier with a two-class head, random images standing in for the data that data-initialised methods
+(LST's Fisher init, FISH's mask) read."""
 
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", default="lst", help="Tuning method.")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="A method option, e.g. --set r=16.")
     parser.add_argument("--task", action="append", help="Task whose head (and data, for data-initialised "
-                        "methods) is used (default: tweets); repeat it for several tasks (a task-aware method then "
-                        "gets their names as its tasks).")
+                        "methods) is used (default: tweets; for a vision model: random images of two classes); "
+                        "repeat it for several tasks (a task-aware method then gets their names as its tasks).")
     parser.add_argument("--glue-dir", help="Folder with GLUE's TSV files.")
     parser.add_argument("--all", action="store_true", help="List every delta tensor (default: the first 40).")
     parser.set_defaults(func=run)
@@ -35,18 +37,23 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import leantune
     from leantune.commands.train import parse_assignments
-    from leantune.train.run import RunSpec, build, options_with_tasks
+    from leantune.tasks.images import stand_in_images
+    from leantune.tasks.multitask import MultiTask
+    from leantune.train.run import RunSpec, build, is_vision_model, options_with_tasks
 
     names = args.task or ["tweets"]
     spec = RunSpec(model=args.model, method=args.method, options=parse_assignments(args.set, "--set"),
                    task=names[0], glue_dir=args.glue_dir, train={"train_examples": 256},
                    tasks=[{"task": name} for name in names] if len(names) > 1 else None)
+    images = MultiTask([stand_in_images()]) if args.task is None and is_vision_model(args.model) else None
     # unknown method or option: fail before loading anything
-    leantune.make_config(spec.method, **options_with_tasks(spec, spec.task_names()))
-    base, _, _, _ = build(spec, for_loading=True)
+    leantune.make_config(spec.method, **options_with_tasks(spec, images.names if images else spec.task_names()))
+    base, _, _, _ = build(spec, for_loading=True, tasks=images)
     modules_before = {name for name, _ in base.named_modules()}
-    tuned, _, tasks, _ = build(spec)
+    tuned, _, tasks, _ = build(spec, tasks=images)
     print(f"{spec.model} + {spec.method} ({', '.join(f'{k}={v}' for k, v in tuned.method_config.to_dict().items())})")
+    if images is not None:
+        print("(a vision model: shown as an image classifier with a 2-class head; random images stand in for data)")
     print(tuned.backbone.describe())
     print("\nmethod facts:")
     for line in method_facts(tuned.method):

@@ -22,10 +22,13 @@ from leantune.registry import get_method
 from leantune.train.config import TrainConfig
 
 if TYPE_CHECKING:
+    from leantune.baselines import BaselineReport
     from leantune.train.run import RunSpec
 
 TASK_FLAGS = "task_flags"
 """Where ``--task`` and ``--data`` are kept, in command-line order: ``[("task", NAME) | ("data", FILE), ...]``."""
+CLI_TRAIN_DEFAULTS: dict[str, Any] = {"measure_memory": True}
+"""Training settings whose command-line default differs from :class:`TrainConfig`'s."""
 
 
 def parse_value(text: str) -> Any:
@@ -65,18 +68,23 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "data.")
     parser.add_argument("--glue-dir", help="Folder with GLUE's TSV files (offline GLUE).")
     data = parser.add_argument_group("local data (replaces --task)")
-    data.add_argument("--data", action=TaskFlag, const="data", dest=TASK_FLAGS, metavar="FILE",
-                      help="Training file: .csv, .tsv or .jsonl. Repeat for several tasks.")
-    data.add_argument("--validation", help="Validation file (default: split from --data).")
-    data.add_argument("--test", help="Test file (default: split from the validation data).")
+    data.add_argument("--data", action=TaskFlag, const="data", dest=TASK_FLAGS, metavar="PATH",
+                      help="Training data: a .csv, .tsv or .jsonl file, or an image folder with one sub-folder per "
+                      "class. Repeat for several tasks.")
+    data.add_argument("--validation", help="Validation file or image folder (default: split from --data).")
+    data.add_argument("--test", help="Test file or image folder (default: split from the validation data).")
     data.add_argument("--text-column", help="Column with the text (default: text).")
     data.add_argument("--text-pair-column", help="Column with the second text of a pair.")
     data.add_argument("--label-column", help="Column with the label (default: label).")
+    data.add_argument("--image-column", help="Column with image paths (relative to the file), for an image task; "
+                      "a --data folder with one sub-folder per class needs none.")
     data.add_argument("--encoding", help="Text encoding of the data files (default: utf-8; e.g. latin-1).")
-    group = parser.add_argument_group("training settings (override the config file)")
+    group = parser.add_argument_group(
+        "training settings (override the config file)", "The embedded default run (no --task, --data or "
+        "--config) has its own short budget instead of these defaults: see docs/cli.md.")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "") + _default_text(f)
         if f.name == "adam_betas":
             continue
         if f.type in ("bool", bool):
@@ -84,7 +92,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kind = float if f.type in ("float", "float | None") else int if "int" in str(f.type) else str
             group.add_argument(flag, dest=f"train_{f.name}", type=kind, metavar=f.name.upper(), help=help_text)
-    parser.add_argument("--output-dir", help="Run directory (default: runs/<method>-<task>-<time>).")
+    parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also score, on the same splits, the majority class, a logistic regression on the "
+                        "frozen model's features (at most 4,096 training examples) and, for text, TF-IDF + "
+                        "logistic regression (classification only; default: on).")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """`` (default: ...)`` for a training setting's help, as the command line applies it."""
+    if f.name == "learning_rate":
+        return " (default: the method's default learning rate; `leantune inspect` shows it)"
+    default = CLI_TRAIN_DEFAULTS.get(f.name, f.default)
+    if default is None:
+        return ""
+    return f" (default: {'on' if default else 'off'})" if isinstance(default, bool) else f" (default: {default})"
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -166,7 +187,7 @@ def spec_from_args(args: argparse.Namespace, method: str | None, base: dict[str,
     if spec.tasks is not None:
         spec.task_entries()  # fail now on a bad task entry
     builtin_default = spec.data is None and spec.tasks is None and spec.task == DEFAULT_TASK
-    defaults = DEFAULT_TRAIN_SETTINGS if builtin_default else {"measure_memory": True}
+    defaults = DEFAULT_TRAIN_SETTINGS if builtin_default else CLI_TRAIN_DEFAULTS
     overrides = {f.name: getattr(args, f"train_{f.name}") for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f"train_{f.name}", None) is not None}
     spec.train = {**defaults, **spec.train, **overrides}
@@ -213,6 +234,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", help="Tuning method (default: lst); see `leantune inspect`.")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="A method option, e.g. --set r=16.")
     add_run_arguments(parser)
+    parser.add_argument("--output-dir", help="Run directory (default: runs/<method>-<task>-<time>).")
     parser.add_argument("--resume", action="store_true", help="Continue the run in --output-dir from its latest "
                         "checkpoint, with the settings saved there; other flags that would change the result are "
                         "refused (--progress/--no-progress apply).")
@@ -220,14 +242,47 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()  # the reported wall time counts imports, loading and initialisation too
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from leantune.baselines import BASELINES_NAME, report_baselines
     from leantune.train import distributed
-    from leantune.train.loop import train
-    from leantune.train.run import RUN_NAME, RunSpec, build, pinned, split_sizes
+    from leantune.train.loop import phase, train
+    from leantune.train.run import build, checkpoint_delta, split_sizes
 
     # Under torchrun every process runs this command; the first one (RANK 0) checks, writes and prints.
     main_process = int(os.environ.get("RANK", "0")) == 0
+    spec, run_dir = run_spec_and_dir(args, main_process)
+    show = spec.train_config().progress and main_process
+    saved = checkpoint_delta(run_dir) if args.resume else None  # it replaces any data-driven initialisation
+    with phase(f"loading {spec.model} and the data, attaching {spec.method}"
+               + ("" if saved is None else " (resuming: no data-driven initialisation)"), show):
+        tuned, tokenizer, tasks, config = build(spec) if saved is None else build(spec, initialise=False,
+                                                                                    saved=saved)
+    spec.split_sizes, spec.train = split_sizes(tasks, config), {**spec.train, "seed": config.seed}  # data identity
+    if main_process:
+        used = tasks.subset({"train": config.train_examples, "validation": config.validation_examples,
+                             "test": config.test_examples})
+        print(f"{spec.model} + {spec.method} on {used.describe()}")
+        tuned.print_trainable_parameters()
+        spec.write(run_dir)
+    result = train(tuned, tasks, tokenizer, config, output_dir=run_dir, resume=args.resume, wall_start=started)
+    del tuned  # the baselines load the frozen base model afresh
+    distributed.close()  # after success only: a failed process must not wait in a barrier for the others
+    if main_process:
+        report = None
+        if args.baselines:
+            with phase("baselines (majority class, frozen features, TF-IDF)", show):
+                report = report_baselines(spec, run_dir / BASELINES_NAME, progress=show, tasks=tasks)
+        print(summary(result, spec, report))
+    return 0
+
+
+def run_spec_and_dir(args: argparse.Namespace, main_process: bool) -> tuple[RunSpec, Path]:
+    """The run's settings and directory: a saved run's (``--resume``) or the flags', pinned (absolute paths,
+    data hashes); a directory that already holds a run is refused without ``--resume``."""
+    from leantune.train.run import RUN_NAME, RunSpec, pinned
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.output_dir:
         raise ConfigError("under torchrun every process must train the same run: pass --output-dir")
     if args.resume:
@@ -246,21 +301,12 @@ def run(args: argparse.Namespace) -> int:
         if main_process and (run_dir / RUN_NAME).is_file():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another "
                               "--output-dir")
-    tuned, tokenizer, tasks, config = build(spec)
-    spec.split_sizes, spec.train = split_sizes(tasks, config), {**spec.train, "seed": config.seed}  # data identity
-    if main_process:
-        print(f"{spec.model} + {spec.method} on {tasks.describe()}")
-        tuned.print_trainable_parameters()
-        spec.write(run_dir)
-    result = train(tuned, tasks, tokenizer, config, output_dir=run_dir, resume=args.resume)
-    distributed.close()  # after success only: a failed process must not wait in a barrier for the others
-    if main_process:
-        print(summary(result, spec))
-    return 0
+    return spec, run_dir
 
 
-def summary(result: Any, spec: RunSpec) -> str:
-    """The lines ``leantune train`` prints at the end (several tasks: the average, then one line per task)."""
+def summary(result: Any, spec: RunSpec, baselines: BaselineReport | None = None) -> str:
+    """The lines ``leantune train`` prints at the end (several tasks: the average, then one line per task), with
+    the baselines when they were scored, and where the time went."""
     lines = [
         f"test {result.metric}: {result.test_metric:.4f} (best validation {result.validation_metric:.4f} at step "
         f"{result.best_step}, epoch {result.best_epoch:g})",
@@ -268,13 +314,41 @@ def summary(result: Any, spec: RunSpec) -> str:
     if len(result.task_metrics) > 1:
         lines += [f"  {name}: test {m['metric']} {m['test']:.4f} (validation {m['validation']:.4f})"
                   for name, m in result.task_metrics.items()]
+    if baselines is not None:
+        lines += baselines.lines()
+        if baselines.rows:
+            best = max(baselines.rows, key=lambda row: row["test_metric"])
+            lines.append(f"{spec.method} vs the best baseline ({best['label']} {best['test_metric']:.4f}): "
+                         f"{100 * (result.test_metric - best['test_metric']):+.2f} points")
     lines.append(f"trainable parameters: {result.trainable_parameters:,d} of {result.total_parameters:,d} "
                  f"({result.trainable_percent:.4f}%)")
     if result.step_memory:
         lines.append(f"peak training memory (one step, {result.step_memory['source']}): "
                      f"{result.step_memory['peak_bytes'] / 2**20:,.1f} MiB")
     lines.append(f"peak process memory ({result.peak_memory_source}): {result.peak_memory_bytes / 2**20:,.1f} MiB")
-    lines.append(f"time: {result.wall_seconds:.1f} s ({result.steps} steps, {result.seconds_per_step:.3f} s/step)")
+    lines.append(time_line(result))
     lines.append(f"run saved in {result.output_dir} (best/ loads with leantune.load; `leantune eval "
                  f"{result.output_dir}`)")
     return "\n".join(lines)
+
+
+PHASE_NAMES = {"load_and_init": "start-up, loading and initialisation", "set_up": "set-up", "evaluate": "evaluation",
+               "checkpoint": "checkpoints", "measure_memory": "memory measurement"}
+
+
+def time_line(result: Any) -> str:
+    """``time: 245.3 s in all (loading and initialisation 12.0 s, training 200.1 s: 200 steps at 1.000 s/step,
+    ...)``; a resumed run counts only the steps it trained itself, and one with none left says so."""
+    phases = result.phase_seconds
+    if result.steps_run == 0:
+        training = f"no step left to train (the run had finished its {result.steps} steps)"
+    else:
+        resumed = "" if result.steps_run == result.steps else (
+            f" of {result.steps} (resumed at step {result.steps - result.steps_run})")
+        training = (f"training {result.train_seconds:.1f} s: {result.steps_run} steps{resumed} at "
+                    f"{result.seconds_per_step:.3f} s/step")
+    parts = [f"{PHASE_NAMES[name]} {phases[name]:.1f} s" for name in ("load_and_init", "set_up") if name in phases]
+    parts.append(training)
+    parts += [f"{PHASE_NAMES[name]} {phases[name]:.1f} s" for name in ("evaluate", "checkpoint", "measure_memory")
+              if name in phases]
+    return f"time: {result.wall_seconds:.1f} s in all ({', '.join(parts)})"

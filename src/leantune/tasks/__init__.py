@@ -1,5 +1,7 @@
 """Data, formatting and metrics per task family: GLUE, local files and the built-in offline sets (tweet sentiment,
-BBC News topics); several tasks of one run (:class:`MultiTask`)."""
+BBC News topics); several tasks of one run (:class:`MultiTask`). Image classification data (a folder of class
+sub-folders, or a table of image paths) is :func:`leantune.tasks.images.load_images` (imported from its module:
+it brings in Pillow and transformers' image stack)."""
 
 from __future__ import annotations
 

@@ -83,7 +83,8 @@ def _json_rows(path: Path, handle: io.StringIO) -> list[tuple[int, dict]]:
     return rows
 
 
-def _column(path: Path, line: int, row: dict, column: str) -> object:
+def column_value(path: Path, line: int, row: dict, column: str) -> object:
+    """The value of ``column`` in ``row`` (line ``line`` of ``path``); a missing or empty one is a DataError."""
     if column not in row:
         raise DataError(f"{path} line {line}: no key {column!r} (keys: {', '.join(map(str, row))})")
     value = row[column]
@@ -98,9 +99,9 @@ def _parse_file(path: Path, text_column: str, pair_column: str | None, label_col
     parsed = []
     columns = [c for c in (text_column, pair_column, label_column) if c]
     for line, row in read_rows(path, encoding, columns):
-        text = str(_column(path, line, row, text_column))
-        pair = str(_column(path, line, row, pair_column)) if pair_column else None
-        parsed.append((line, text, pair, _column(path, line, row, label_column)))
+        text = str(column_value(path, line, row, text_column))
+        pair = str(column_value(path, line, row, pair_column)) if pair_column else None
+        parsed.append((line, text, pair, column_value(path, line, row, label_column)))
     return parsed
 
 
@@ -128,35 +129,60 @@ def _label_key(value: object) -> str:
     return str(int(number)) if number is not None and number == int(number) else str(value).strip()
 
 
-def check_classes(path: Path, label_column: str, label_names: list[str], labels: list[int], needed: int) -> None:
-    """Refuse a single class; warn about classes with fewer than ``needed`` examples."""
+def check_classes(path: Path, label_column: str, label_names: list[str], labels: list[int], needed: int,
+                  where: str | None = None) -> None:
+    """Refuse a single class; warn about classes with fewer than ``needed`` examples. ``where`` names where the
+    labels come from in messages (default: ``column 'label'``)."""
+    where = where or f"column {label_column!r}"
     if len(label_names) < 2:
-        raise DataError(f"{path}: column {label_column!r} holds one class ({label_names[0]!r}); classification needs "
-                        "at least two")
+        raise DataError(f"{path}: {where} holds one class ({label_names[0]!r}); classification needs at least two")
     counts = Counter(labels)
     rare = [f"{name!r} ({counts[i]})" for i, name in enumerate(label_names) if counts[i] < needed]
     if rare:
-        logger.warning("leantune: %s: column %r has classes with fewer than %d examples, too few for every split: %s",
-                       path, label_column, needed, ", ".join(rare))
+        logger.warning("leantune: %s: %s has classes with fewer than %d examples, too few for every split: %s",
+                       path, where, needed, ", ".join(rare))
+
+
+def label_value(path: Path, line: int, raw: object, label_names: list[str] | None, label_column: str
+                ) -> int | float:
+    """The label of one row: a class index (``label_names``), or a number for regression."""
+    if label_names is None:
+        value = _as_number(raw)
+        if value is None:
+            raise DataError(f"{path} line {line}: label {raw!r} in column {label_column!r} is not a number")
+        return value
+    key = _label_key(raw)
+    if key not in label_names:
+        raise DataError(
+            f"{path} line {line}: label {key!r} in column {label_column!r} does not occur in the "
+            f"training data (labels: {', '.join(label_names)})"
+        )
+    return label_names.index(key)
 
 
 def _examples(path: Path, parsed: list[tuple], label_names: list[str] | None, label_column: str) -> list[Example]:
-    examples = []
-    for line, text, pair, raw in parsed:
-        if label_names is None:
-            value = _as_number(raw)
-            if value is None:
-                raise DataError(f"{path} line {line}: label {raw!r} in column {label_column!r} is not a number")
-            label: int | float = value
-        else:
-            key = _label_key(raw)
-            if key not in label_names:
-                raise DataError(
-                    f"{path} line {line}: label {key!r} in column {label_column!r} does not occur in the "
-                    f"training data (labels: {', '.join(label_names)})"
-                )
-            label = label_names.index(key)
-        examples.append(Example(text, label, pair))
+    return [Example(text, label_value(path, line, raw, label_names, label_column), pair)
+            for line, text, pair, raw in parsed]
+
+
+def split_examples(examples: dict[str, list[Example]], files: dict[str, Path | None]) -> dict[str, list[Example]]:
+    """Every split, the missing ones made as the module docstring says: 80/10/10 from the training data (seed 42)
+    without validation data, the validation data halved without test data. ``files`` name the data in messages."""
+    if "validation" not in examples:
+        train = examples["train"]
+        if len(train) < 3:
+            raise DataError(f"{files['train']} has {len(train)} examples; a train/validation/test split needs 3")
+        random.Random(SPLIT_SEED).shuffle(train)
+        held_out = max(1, len(train) // 10)
+        return {"train": train[2 * held_out:], "validation": train[:held_out], "test": train[held_out:2 * held_out]}
+    if "test" not in examples:
+        validation = examples["validation"]
+        if len(validation) < 2:
+            raise DataError(f"{files['validation']} has {len(validation)} example; halving it into validation "
+                            "and test needs 2")
+        random.Random(SPLIT_SEED).shuffle(validation)
+        half = len(validation) // 2
+        return {**examples, "validation": validation[:half], "test": validation[half:]}
     return examples
 
 
@@ -183,22 +209,7 @@ def load_local(
     if label_names is not None:
         check_classes(files["train"], label_column, label_names, [int(e.label) for e in examples["train"]],
                       SPLIT_OFF_NEEDS if "validation" not in examples else 1)
-    if "validation" not in examples:
-        train = examples["train"]
-        if len(train) < 3:
-            raise DataError(f"{files['train']} has {len(train)} examples; a train/validation/test split needs 3")
-        random.Random(SPLIT_SEED).shuffle(train)
-        held_out = max(1, len(train) // 10)
-        examples = {"train": train[2 * held_out:], "validation": train[:held_out],
-                    "test": train[held_out:2 * held_out]}
-    elif "test" not in examples:
-        validation = examples["validation"]
-        if len(validation) < 2:
-            raise DataError(f"{files['validation']} has {len(validation)} example; halving it into validation "
-                            "and test needs 2")
-        random.Random(SPLIT_SEED).shuffle(validation)
-        half = len(validation) // 2
-        examples["validation"], examples["test"] = validation[:half], validation[half:]
+    examples = split_examples(examples, files)
     return Task(
         name=name or Path(data).stem,
         splits=examples,

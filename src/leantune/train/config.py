@@ -24,7 +24,8 @@ class TrainConfig:
     grad_accumulation: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     epochs: int = field(default=1, metadata={"help": "Passes over the training set (ignored if max_steps is set)."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
-    warmup_steps: int | None = field(default=None, metadata={"help": "Linear warmup steps (default warmup_ratio)."})
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Linear warm-up steps (None: warmup_ratio of all steps)."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Warmup as a fraction of all steps."})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Clip the gradient norm (None: no clip)."})
     eval_every: int | None = field(default=None, metadata={"help": "Evaluate every N steps (None: every epoch)."})
@@ -32,9 +33,11 @@ class TrainConfig:
     max_target_length: int = field(default=16, metadata={"help": "Target tokens for text-to-text tasks."})
     eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch (per process)."})
     train_examples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
-    validation_examples: int | None = field(default=None, metadata={"help": "Evaluate on the first N validation."})
+    validation_examples: int | None = field(
+        default=None, metadata={"help": "Evaluate on the first N validation examples."})
     test_examples: int | None = field(default=None, metadata={"help": "Test on the first N test examples."})
-    precision: str = field(default="fp32", metadata={"help": "fp32, or bf16/fp16 autocast on GPU."})
+    precision: str = field(default="fp32", metadata={
+        "help": "fp32; bf16 (autocast, CPU or GPU); fp16 (autocast with a gradient scaler, GPU only)."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and dropout."})
     checkpoint_every: int | None = field(
         default=None, metadata={"help": "Save a resumable checkpoint every N steps (default: at each evaluation)."}
@@ -45,7 +48,8 @@ class TrainConfig:
     )
     fsdp: bool = field(default=False, metadata={
         "help": "Shard the model with FSDP2 under torchrun (checkpoints through torch.distributed.checkpoint)."})
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    progress: bool = field(default=True, metadata={
+        "help": "Show progress on stderr: a bar for training and for each evaluation, a line per slow phase."})
 
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from leantune.api import TunedModel
 from leantune.errors import ConfigError
@@ -16,6 +17,9 @@ from leantune.tasks.core import Example
 from leantune.train import distributed
 from leantune.train.config import TrainConfig
 from leantune.train.data import Encoder, to_device
+
+BAR_DELAY = 2.0
+"""Seconds an evaluation runs before its progress bar appears (short ones stay quiet)."""
 
 
 def autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -33,11 +37,14 @@ def evaluate(
     examples: list[Example],
     config: TrainConfig,
     context: distributed.DistContext | None = None,
+    description: str | None = None,
 ) -> float:
     """The task metric on ``examples``; under torchrun each process scores a slice and the slices are gathered.
 
-    A sharded (FSDP) model gathers parameters in every forward, so there every process runs the same number of
-    batches (the shorter slices are padded and the padding is dropped) and generation is synchronised.
+    With ``config.progress`` the main process shows a bar (``description``, default the task's name) once the
+    evaluation has taken more than :data:`BAR_DELAY` seconds. A sharded (FSDP) model gathers parameters in every
+    forward, so there every process runs the same number of batches (the shorter slices are padded and the padding
+    is dropped) and generation is synchronised.
     """
     context = context or distributed.DistContext(device=next(model.parameters()).device)
     sharded = distributed.is_sharded(model)
@@ -48,8 +55,11 @@ def evaluate(
     predictions: list[int | float] = []
     was_training = model.training
     model.eval()
+    starts = range(0, len(indices), config.eval_batch_size)
+    bar = tqdm(starts, desc=description or encoder.task.name, unit="batch", leave=False, delay=BAR_DELAY,
+               dynamic_ncols=True, disable=not (config.progress and context.is_main))
     with torch.no_grad(), autocast(config, context.device):
-        for start in range(0, len(indices), config.eval_batch_size):
+        for start in bar:
             chunk = [examples[i] for i in indices[start:start + config.eval_batch_size]]
             inputs = to_device(encoder.inputs(chunk), context.device)
             predictions += encoder.predictions(model, inputs, synced_gpus=sharded)
@@ -69,7 +79,8 @@ def evaluate_tasks(
     context: distributed.DistContext | None = None,
 ) -> dict[str, float]:
     """``{task: metric}`` on ``split`` of every task (one encoder per task: ``train.data.task_encoders``)."""
-    return {encoder.task.name: evaluate(model, encoder, encoder.task.splits[split], config, context)
+    return {encoder.task.name: evaluate(model, encoder, encoder.task.splits[split], config, context,
+                                        description=f"{split} {encoder.task.name}")
             for encoder in encoders}
 
 

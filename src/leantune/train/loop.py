@@ -23,10 +23,13 @@ batch holds one task, an epoch runs every task's batches once in an order shuffl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from tqdm import tqdm
 from leantune.api import DELTA_NAME, TunedModel
 from leantune.errors import CheckpointError, ConfigError, LeantuneError
 from leantune.files import write_atomic_text
+from leantune.progress import hidden
 from leantune.tasks.core import DataError, Task
 from leantune.tasks.multitask import MultiTask
 from leantune.train import checkpoint as ckpt
@@ -50,7 +54,7 @@ from leantune.train.evaluation import autocast, average, evaluate, evaluate_task
 from leantune.train.sampling import epoch_order, epoch_schedule
 
 __all__ = ["RunState", "TrainResult", "TrainingDivergedError", "epoch_order", "evaluate", "is_text_to_text",
-           "linear_schedule", "train"]
+           "linear_schedule", "phase", "train"]
 
 AVERAGE = "average"
 """The metric name of a run with several tasks: the mean of the tasks' metrics."""
@@ -72,6 +76,14 @@ class TrainResult:
     ``{"metric", "validation", "test"}`` at the best checkpoint (one entry for a single task).
     ``communication``: under DDP with a method's comm hook, the bytes the hook sent per step (and what a dense
     all-reduce would have sent), over the steps this process ran.
+
+    Time is this process's: ``wall_seconds`` from the ``wall_start`` given to :func:`train` (``leantune train``
+    passes the moment the command started, so loading and data-driven initialisation count) to the end;
+    ``phase_seconds`` splits it into ``load_and_init`` (before ``train`` was called), ``set_up`` (placement,
+    reading the checkpoint to resume), ``train`` (the optimizer steps), ``evaluate`` (validation and test),
+    ``checkpoint`` and ``measure_memory``. ``steps`` is the run's length, ``steps_run`` the steps this process
+    trained (fewer after a resume), and ``seconds_per_step`` is over those, or ``None`` when there were none (a
+    resumed run that had nothing left to train).
     """
 
     metric: str
@@ -81,7 +93,7 @@ class TrainResult:
     test_metric: float
     steps: int
     train_seconds: float
-    seconds_per_step: float
+    seconds_per_step: float | None
     wall_seconds: float
     peak_memory_bytes: int
     peak_memory_source: str
@@ -92,6 +104,8 @@ class TrainResult:
     step_memory: dict[str, Any] | None = None
     communication: dict[str, Any] | None = None
     task_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    steps_run: int = 0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def trainable_percent(self) -> float:
@@ -164,6 +178,7 @@ class RunState:
     last_checkpoint: Path | None = None
     best_in_memory: dict[str, torch.Tensor] | None = None
     wall_start: float = field(default_factory=time.perf_counter)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     steps_run: int = 0
     schedule: tuple[int, list[tuple[int, int]]] = field(default_factory=lambda: (-1, []))  # (epoch, its schedule)
@@ -187,6 +202,7 @@ def train(
     resume: bool = False,
     *,
     input_processor: InputProcessor | None = None,
+    wall_start: float | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train ``model`` (from ``leantune.wrap``) on ``task``; return the test metric at the best validation step.
@@ -198,11 +214,16 @@ def train(
     ``leantune.load``) and ``results.json``; ``resume=True`` continues from its latest checkpoint.
     ``tokenizer`` may be ``None`` for a model that takes no text; ``input_processor`` turns the examples'
     non-text inputs (``Example.inputs``) into tensors (see :class:`leantune.train.data.Encoder`).
+    ``wall_start`` (a ``time.perf_counter()`` value) is when the run began, e.g. before the model was loaded and
+    initialised from data, so that the reported wall time counts that too (default: now).
     """
+    called = time.perf_counter()
     config = (config or TrainConfig()).replace(**overrides)
     run = set_up(model, task, tokenizer, config, output_dir, input_processor)
     if run.run_dir is not None:
         resume_run(run, resume)
+    run.wall_start = called if wall_start is None else wall_start
+    run.phase_seconds.update(load_and_init=called - run.wall_start, set_up=time.perf_counter() - called)
     bar = tqdm(total=run.sizes.total_steps, initial=run.progress.global_step, unit="step",
                desc=f"{model.method.name} on {'+'.join(run.tasks.names)}", dynamic_ncols=True,
                disable=not (config.progress and run.context.is_main))
@@ -215,14 +236,41 @@ def train(
         step = run.progress.global_step
         at_epoch_end = step % run.sizes.steps_per_epoch == 0
         if (step % config.eval_every == 0 if config.eval_every else at_epoch_end) or step == run.sizes.total_steps:
-            metrics, improved = validate(run)
+            with timed(run, "evaluate"):
+                metrics, improved = validate(run)
             if config.progress and run.context.is_main:
                 bar.write(f"step {step}: {validation_line(run, metrics)}" + (" (best)" if improved else ""))
-            checkpoint(run)
+            with timed(run, "checkpoint"):
+                checkpoint(run)
         elif config.checkpoint_every and step % config.checkpoint_every == 0:
-            checkpoint(run)
+            with timed(run, "checkpoint"):
+                checkpoint(run)
     bar.close()
     return finish(run)
+
+
+@contextlib.contextmanager
+def timed(run: RunState, name: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``run.phase_seconds[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        run.phase_seconds[name] = run.phase_seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def phase(description: str, show: bool = True) -> Iterator[None]:
+    """One line on stderr before a phase that may take a while (``description ...``) and one after it with its
+    time (``description: done in 4.2 s``), so no phase runs silently; nothing when ``show`` is false, not even the
+    progress bars of what runs inside (LST's Fisher initialisation, say: :mod:`leantune.progress`)."""
+    start = time.perf_counter()
+    if show:
+        print(f"{description} ...", file=sys.stderr, flush=True)
+    with hidden(not show):
+        yield
+    if show:
+        print(f"{description}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 # --- 1. set-up ----------------------------------------------------------------------------------------------------
@@ -529,25 +577,31 @@ def finish(run: RunState) -> TrainResult:
     """Put the best delta back, score it on the test split, and write ``results.json``."""
     _restore_best(run)
     context, progress, sizes = run.context, run.progress, run.sizes
-    test_metrics = evaluate_tasks(run.model, run.encoders, "test", run.config, context)
+    with timed(run, "evaluate"):
+        test_metrics = evaluate_tasks(run.model, run.encoders, "test", run.config, context)
     trainable, total = run.model.trainable_parameter_count()
     memory, memory_source = peak_memory(context.device)
     step_memory = None
     if run.config.measure_memory and not run.sharded:
         encoder = run.encoders[0]
         first_batch = encoder.batch(run.tasks.tasks[0].splits["train"][:sizes.tasks[0].micro_batch])
-        step_memory = measure_step_memory(run.model, encoder, to_device(first_batch, context.device), run.config)
+        with timed(run, "measure_memory"), phase("measuring the memory of one training step",
+                                                 run.config.progress and context.is_main):
+            step_memory = measure_step_memory(run.model, encoder, to_device(first_batch, context.device),
+                                              run.config)
+    run.phase_seconds["train"] = run.train_seconds
     result = TrainResult(
         metric=run.metric_name, best_step=progress.best_step,
         best_epoch=round(progress.best_step / sizes.steps_per_epoch, 4), validation_metric=progress.best_metric,
         test_metric=average(test_metrics), steps=sizes.total_steps, train_seconds=run.train_seconds,
-        seconds_per_step=run.train_seconds / max(1, run.steps_run),
+        seconds_per_step=run.train_seconds / run.steps_run if run.steps_run else None,
         wall_seconds=time.perf_counter() - run.wall_start, peak_memory_bytes=int(memory),
         peak_memory_source=memory_source, trainable_parameters=trainable, total_parameters=total,
         history=progress.history, output_dir=str(run.run_dir) if run.run_dir is not None else None,
         step_memory=step_memory, communication=distributed.communication_summary(run.comm_state),
         task_metrics={task.name: {"metric": task.metric, "validation": progress.best_task_metrics.get(task.name),
                                   "test": test_metrics[task.name]} for task in run.tasks},
+        steps_run=run.steps_run, phase_seconds={name: round(value, 3) for name, value in run.phase_seconds.items()},
     )
     if run.run_dir is not None and context.is_main:
         write_atomic_text(run.run_dir / RESULTS_NAME, json.dumps(result.to_dict(), indent=2) + "\n")

@@ -4,7 +4,9 @@ The CLI (``leantune train``/``eval``/``compare``) fills a :class:`RunSpec`, writ
 directory, and rebuilds the same model, tokenizer and tasks from it later (``leantune eval``, ``--resume``).
 A run trains one task (``task`` or ``data``) or several (``tasks``: a list of :class:`TaskEntry` mappings).
 A ``tasks`` entry with ``features`` is a vision-and-language task (a VL-T5 annotation folder as ``data``): the run
-then wraps the text model as a :class:`leantune.vl.VisionLanguageModel` that reads the features.
+then wraps the text model as a :class:`leantune.vl.VisionLanguageModel` that reads the features. Image data (a
+folder of class sub-folders as ``data``, or a table with an ``image_column``: :mod:`leantune.tasks.images`) is an
+image-classification run: ``AutoModelForImageClassification`` and the model's image processor, no tokenizer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from leantune.files import write_atomic_text
 from leantune.registry import get_method
 from leantune.tasks import canonical_name, get_task
 from leantune.tasks.core import Task
+from leantune.tasks.images import (
+    ImageInputs,
+    folder_sha256,
+    is_image_task,
+    load_images,
+    table_images_sha256,
+)
 from leantune.tasks.local import load_local
 from leantune.tasks.multitask import MultiTask, check_method_tasks
 from leantune.tasks.vl import CAPTION_FILE, SPLIT_FILES, VLTask, load_vl_task
@@ -62,6 +71,7 @@ class LocalData:
     text_pair_column: str | None = None
     label_column: str = "label"
     encoding: str = "utf-8"
+    image_column: str | None = None
 
 
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(LocalData))
@@ -73,7 +83,8 @@ class TaskEntry:
     :class:`LocalData` keys) or a vision-and-language task (``data``: a VL-T5 annotation folder, ``features``: the
     folder ``leantune features`` wrote for its images), with its own ``batch_size`` (default: the run's) and
     ``prefix`` (put in front of every text: ``Task.text_prefix``). ``name`` defaults to the task's name or the
-    training file's stem."""
+    training file's stem. Image data: ``data`` a folder with one sub-folder per class, or a table with
+    ``image_column`` (:mod:`leantune.tasks.images`)."""
 
     name: str | None = None
     task: str | None = None
@@ -84,6 +95,7 @@ class TaskEntry:
     text_pair_column: str | None = None
     label_column: str | None = None
     encoding: str | None = None
+    image_column: str | None = None
     batch_size: int | None = None
     prefix: str | None = None
     features: str | None = None
@@ -104,24 +116,42 @@ class TaskEntry:
         if self.features is not None and local_only:
             raise ConfigError(f"the run's {where}: a vision-and-language task reads its splits from its annotation "
                               f"folder; {', '.join(local_only)} do not apply")
-        if self.features is None and self.data is not None and Path(self.data).is_dir():
-            raise ConfigError(f"the run's {where}: data {self.data} is a folder; a VL-T5 annotation folder needs "
-                              "'features' (the folder `leantune features` wrote for its images)")
+        folder = Path(self.data or "")
+        if self.is_images and folder.is_dir() and not any(p.is_dir() for p in folder.iterdir()):
+            raise ConfigError(f"the run's {where}: data {self.data} is a folder; an image folder needs one sub-folder "
+                              "of images per class (it has none), a VL-T5 annotation folder needs 'features' (the "
+                              "folder `leantune features` wrote for its images)")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"the run's {where}: batch_size must be a positive integer, got {self.batch_size}")
 
     def local_data(self) -> dict[str, Any]:
-        """The ``load_local`` arguments of a local-data entry."""
+        """The :class:`LocalData` values of a local-data entry, defaults filled in."""
         values = {k: getattr(self, k) for k in DATA_KEYS}
         return {**values, "text_column": self.text_column or "text", "label_column": self.label_column or "label",
                 "encoding": self.encoding or "utf-8"}
+
+    @property
+    def is_images(self) -> bool:
+        """Image data: a folder (of class sub-folders) without ``features``, or a table with an image column."""
+        return self.features is None and self.data is not None and (
+            self.image_column is not None or Path(self.data).is_dir())
+
+    def load(self) -> Task:
+        """The task of a local-data entry: image data or a text file."""
+        values = self.local_data()
+        if self.is_images:
+            return load_images(values["data"], values["image_column"], values["label_column"], values["validation"],
+                               values["test"], self.name, values["encoding"])
+        del values["image_column"]
+        return load_local(**values, name=self.name)
 
 
 @dataclass
 class RunSpec:
     """Everything needed to rebuild a run. ``data`` (local files) replaces ``task`` when set; ``tasks`` (several
     tasks, each a :class:`TaskEntry` mapping) replaces both. ``data_sha256`` (each local data file's content
-    hash) and ``split_sizes`` (examples per task and split, as trained) record what the data was."""
+    hash; one hash per image folder and per table's images), ``split_sizes`` (examples per task and split, as
+    trained) and ``skipped_images`` (per task, the images skipped as unreadable) record what the data was."""
 
     model: str = DEFAULT_MODEL
     method: str = "lst"
@@ -133,6 +163,7 @@ class RunSpec:
     tasks: list[dict[str, Any]] | None = None
     data_sha256: dict[str, str] | None = None
     split_sizes: dict[str, dict[str, int]] | None = None
+    skipped_images: dict[str, list[str]] | None = None
 
     def train_config(self) -> TrainConfig:
         """The training settings; the learning rate defaults to the method's ``default_learning_rate``."""
@@ -229,14 +260,31 @@ def file_sha256(path: Path) -> str:
 
 def data_sha256(spec: RunSpec) -> dict[str, str]:
     """The SHA-256 of every local data file of the run (training, validation, test; a VL-T5 annotation folder's
-    files), by path; files that do not exist are left out (loading them names them)."""
+    files), by path. Image data adds one hash per image folder (key ``FOLDER/``) and per table's images (key
+    ``TABLE:COLUMN``) over the images' relative paths and contents (:func:`leantune.tasks.images.images_sha256`).
+    Files that do not exist are left out (loading them names them)."""
     hashes: dict[str, str] = {}
     for entry in spec.task_entries():
         for name in (entry.data, entry.validation, entry.test):
             path = Path(name) if name else None
+            if path is not None and entry.is_images:
+                hashes.update(_image_hashes(path, entry))
+                continue
             files = sorted(p for p in path.iterdir() if p.is_file()) if path and path.is_dir() else [path]
             hashes.update({str(f): file_sha256(f) for f in files if f is not None and f.is_file()})
     return hashes
+
+
+def _image_hashes(path: Path, entry: TaskEntry) -> dict[str, str]:
+    """The hashes of one image folder, or of one table of image paths and the images it names."""
+    if path.is_dir():
+        digest = folder_sha256(path)
+        return {f"{path}/": digest} if digest is not None else {}
+    if not path.is_file():
+        return {}
+    values = entry.local_data()
+    digest = table_images_sha256(path, values["image_column"], values["label_column"], values["encoding"])
+    return {str(path): file_sha256(path), **({f"{path}:{values['image_column']}": digest} if digest else {})}
 
 
 def split_sizes(tasks: MultiTask, config: TrainConfig) -> dict[str, dict[str, int]]:
@@ -313,7 +361,7 @@ def load_tasks(spec: RunSpec) -> MultiTask:
                 batch_sizes[task.name] = entry.batch_size
             tasks.append(task)
             continue
-        task = load_local(**entry.local_data(), name=entry.name) if entry.data else get_task(entry.task, spec.glue_dir)
+        task = entry.load() if entry.data else get_task(entry.task, spec.glue_dir)
         changes: dict[str, Any] = {"name": entry.name} if entry.name else {}
         if entry.prefix is not None:
             changes["text_prefix"] = entry.prefix
@@ -341,39 +389,146 @@ def options_with_tasks(spec: RunSpec, task_names: list[str]) -> dict[str, Any]:
 
 def load_model(name: str, tasks: MultiTask, seed: int) -> tuple[torch.nn.Module, Any]:
     """The base model with the right head for ``tasks`` (several: one joint head, a slice of outputs per task),
-    and its tokenizer. One clear error if it cannot load."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForSeq2SeqLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    and its tokenizer. Image tasks get ``AutoModelForImageClassification`` (classes named from the task), no
+    tokenizer, and the model's image processor as the model's input processor. One clear error, naming what
+    failed, if it cannot load."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     path = model_path(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        torch.manual_seed(seed)
-        if getattr(config, "is_encoder_decoder", False):
-            model = AutoModelForSeq2SeqLM.from_pretrained(path)
-        else:
-            regression = len(tasks) == 1 and tasks.tasks[0].is_regression
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=tasks.num_labels,
-                problem_type="regression" if regression else "single_label_classification")
-    except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        reason = "it is not a local folder and not in the Hugging Face cache (offline mode)" if offline else (
-            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-        raise ConfigError(f"cannot load model {name!r}: {reason}") from None
+    images = [is_image_task(task) for task in tasks]
+    if any(images) and not all(images):
+        raise ConfigError("a run's tasks are all image tasks or all text tasks: "
+                          f"{', '.join(t.name for t, i in zip(tasks, images) if i)} are images, "
+                          f"{', '.join(t.name for t, i in zip(tasks, images) if not i)} text")
+    config = model_config(name, path)
+    torch.manual_seed(seed)
+    if all(images):
+        return image_classifier(name, path, config, tasks), None
+    tokenizer = model_tokenizer(name, path)
+    model = text_model(name, path, config, tasks)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_failure(err: Exception) -> str:
+    """The first line of a loading error (its type when it has no message)."""
+    text = str(err).strip()
+    return text.splitlines()[0].strip().rstrip(":").strip() if text else type(err).__name__
+
+
+def model_config(name: str, path: str) -> Any:
+    """The model's ``AutoConfig``; a :class:`ConfigError` saying whether the folder or id is missing or its
+    config cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        if Path(path).is_dir():
+            reason = f"its config cannot be read ({load_failure(err)})"
+        elif offline:
+            reason = "it is not a local folder and not in the Hugging Face cache (offline mode)"
+        else:
+            reason = load_failure(err)
+        raise ConfigError(f"cannot load model {name!r}: {reason}") from None
+
+
+def model_tokenizer(name: str, path: str) -> Any:
+    """The model's tokenizer; a :class:`ConfigError` when it has none (a vision model, say)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"model {name!r} has no tokenizer (a vision model?): AutoTokenizer cannot load one from it "
+                          f"({load_failure(err)}), and a text task needs one; image data is a folder of class "
+                          "sub-folders or a table with --image-column") from None
+    if tokenizer is None or not callable(tokenizer):
+        raise ConfigError(f"model {name!r} has no tokenizer (a vision model?); a text task needs one")
+    return tokenizer
+
+
+def check_architecture(name: str, config: Any, auto_class: str, mapping: dict[str, str], needed_by: str) -> None:
+    """Refuse a config that ``auto_class`` has no model for, naming the config class and model type."""
+    if config.model_type not in mapping:
+        raise ConfigError(f"cannot load model {name!r}: {auto_class} does not know {type(config).__name__} (model "
+                          f"type {config.model_type!r}), which {needed_by} need")
+
+
+def text_model(name: str, path: str, config: Any, tasks: MultiTask) -> torch.nn.Module:
+    """A sequence-to-sequence model (encoder-decoder configs) or one with a classification/regression head."""
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    if seq2seq:
+        check_architecture(name, config, "AutoModelForSeq2SeqLM", MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+                           "text-to-text tasks")
+    else:
+        check_architecture(name, config, "AutoModelForSequenceClassification",
+                           MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "text classification tasks")
+    regression = len(tasks) == 1 and tasks.tasks[0].is_regression
+    try:
+        if seq2seq:
+            return AutoModelForSeq2SeqLM.from_pretrained(path)
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=tasks.num_labels,
+            problem_type="regression" if regression else "single_label_classification")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load model {name!r}: {load_failure(err)}") from None
+
+
+def image_classifier(name: str, path: str, config: Any, tasks: MultiTask) -> torch.nn.Module:
+    """``AutoModelForImageClassification`` with a fresh head of the tasks' classes (``id2label`` from their names;
+    several tasks: one joint head), and the model's image processor as its input processor."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    check_architecture(name, config, "AutoModelForImageClassification", MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+                       "image tasks")
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model {name!r} has no image processor (preprocessor_config.json), which image tasks "
+                          f"need: {load_failure(err)}") from None
+    labels = [f"{task.name}:{label}" if len(tasks) > 1 else label
+              for task in tasks for label in (task.label_names or [task.name])]
+    regression = len(tasks) == 1 and tasks.tasks[0].is_regression
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True,
+            problem_type="regression" if regression else "single_label_classification")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load model {name!r}: {load_failure(err)}") from None
+    setattr(model, MODEL_INPUT_PROCESSOR, ImageInputs(processor))
+    return model
+
+
+def is_vision_model(name: str) -> bool:
+    """Whether ``name`` loads as an image classifier and not as a text classifier (ViT, DINOv2, Swin, CLIP...);
+    False when its config cannot be read (loading it later says why)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    try:
+        model_type = AutoConfig.from_pretrained(model_path(name)).model_type
+    except (OSError, ValueError, ConfigError):
+        return False
+    return (model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+            and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
 
 
 def feature_store(entries: list[TaskEntry], tasks: MultiTask) -> Any:
@@ -437,15 +592,19 @@ def vision_language_model(text_model: torch.nn.Module, tokenizer: Any, store: An
 
 class TaskBatches:
     """Re-iterable training batches (labels included) for methods that initialise from data: the tasks' batches
-    in turn. With a joint head the labels are moved into the task's slice, so the model's own loss reads the
-    joint head; regression tasks, which that classification loss cannot score, are left out there."""
+    in turn. With a joint head (``head_width`` outputs) the labels are moved into the task's slice, so the model's
+    own loss reads the joint head: a class index is shifted by the slice's start, soft answer scores (VQA) are
+    zero-padded to the head's width; regression tasks, which that classification loss cannot score, are left out
+    there."""
 
-    def __init__(self, encoders: list[Encoder], batch_size: int = 8) -> None:
+    def __init__(self, encoders: list[Encoder], batch_size: int = 8, head_width: int | None = None) -> None:
         self.encoders = [e for e in encoders if e.head_slice is None or not e.task.is_regression]
         if not self.encoders:
             raise ConfigError("a method initialised from data needs a classification task when several tasks share "
                               "a joint head; every task of this run is a regression")
         self.batch_size = batch_size
+        self.head_width = head_width
+        self.num_examples = sum(len(e.task.splits["train"]) for e in self.encoders)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         longest = max(len(e.task.splits["train"]) for e in self.encoders)
@@ -456,16 +615,42 @@ class TaskBatches:
                     continue
                 batch = encoder.batch(examples)
                 if encoder.head_slice is not None:
-                    batch["labels"] = batch["labels"] + encoder.head_slice[0]
+                    batch["labels"] = self._in_joint_head(batch["labels"], encoder.head_slice)
                 yield batch
 
+    def _in_joint_head(self, labels: torch.Tensor, head_slice: tuple[int, int]) -> torch.Tensor:
+        start, stop = head_slice
+        if not labels.is_floating_point():
+            return labels + start
+        width = self.head_width if self.head_width is not None else stop
+        return torch.nn.functional.pad(labels, (start, width - stop))
 
-def build(spec: RunSpec, for_loading: bool = False
+
+def checkpoint_delta(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The delta tensors of ``run_dir``'s newest intact checkpoint, for :func:`build` of a resumed run
+    (``initialise=False, saved=...``); None when the run has no checkpoint yet (it then starts afresh and
+    initialises as a new run does); ``{}`` for a sharded (FSDP) checkpoint, whose tensors load later."""
+    from leantune.train.checkpoint import read_newest_intact
+
+    loaded = read_newest_intact(run_dir)
+    if loaded is None:
+        return None
+    return loaded.delta if loaded.delta is not None else {}
+
+
+def build(spec: RunSpec, for_loading: bool = False, initialise: bool = True,
+          saved: dict[str, torch.Tensor] | None = None, tasks: MultiTask | None = None,
           ) -> tuple[TunedModel | torch.nn.Module, Any, MultiTask, TrainConfig]:
     """``(tuned model, tokenizer, tasks, train config)``; with ``for_loading`` the base model is returned unwrapped
-    (for ``leantune.load``)."""
+    (for ``leantune.load``). ``initialise=False`` (a resumed run, whose checkpoint then overwrites every trained
+    value) attaches the method as ``leantune.load`` does, without data-driven initialisation (LST's Fisher init,
+    FISH's mask): ``saved``, the checkpoint's delta (:func:`checkpoint_delta`), gives the tensors whose shapes
+    come from data (FISH's selected indices). ``tasks`` replaces the spec's (``leantune inspect``'s stand-in
+    images). The images skipped as unreadable are recorded in ``spec.skipped_images`` (run.json)."""
     config = spec.train_config()
-    tasks = load_tasks(spec)
+    tasks = tasks if tasks is not None else load_tasks(spec)
+    skipped = {task.name: task.source["skipped_images"] for task in tasks if task.source.get("skipped_images")}
+    spec.skipped_images = skipped or None
     method_config = leantune.make_config(spec.method, **options_with_tasks(spec, tasks.names))
     store = feature_store(spec.task_entries(), tasks)
     model, tokenizer = load_model(spec.model, tasks, config.seed)
@@ -473,11 +658,23 @@ def build(spec: RunSpec, for_loading: bool = False
         model = vision_language_model(model, tokenizer, store, config.seed, tasks.num_labels)
     if for_loading:
         return model, tokenizer, tasks, config
+    torch.manual_seed(config.seed)
+    if not initialise:
+        return attach_for_resume(model, method_config, saved), tokenizer, tasks, config
     data = None
     if get_method(spec.method)(method_config).needs_data():
         encoders = task_encoders(tasks.subset({"train": config.train_examples}), tokenizer, model, config.max_length,
                                  config.max_target_length)
-        data = TaskBatches(encoders)
-    torch.manual_seed(config.seed)
+        data = TaskBatches(encoders, head_width=tasks.num_labels)
     tuned = leantune.wrap(model, method_config, data=data)
     return tuned, tokenizer, tasks, config
+
+
+def attach_for_resume(model: torch.nn.Module, method_config: Any, saved: dict[str, torch.Tensor] | None
+                      ) -> TunedModel:
+    """``model`` wrapped as ``leantune.load`` wraps it: no data-driven initialisation; ``saved`` (the delta the
+    checkpoint restores) shapes what data would have."""
+    from leantune.api import _wrap
+    from leantune.methods.base import AttachContext
+
+    return _wrap(model, method_config, None, AttachContext(saved=saved if saved is not None else {}))
