@@ -26,7 +26,7 @@ import transformers as hf
 
 import leantune
 from leantune.fisher import fisher_scores
-from leantune.methods.lst import pruning, record_ladders
+from leantune.methods.lst import pruning
 from leantune.tasks.builtin import load_tweet_sentiment
 
 INITS = ("head_aligned", "rows", "random")
@@ -50,7 +50,7 @@ class LadderCache:
         with torch.no_grad():
             for batch in batches:
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
-                with record_ladders(stack.blocks, method.kept[stack.name]) as ladders:
+                with method.recording(stack.name) as ladders:  # as the method records them (ladder_norm)
                     tuned.base_model.eval().base_model(**inputs)
                 self.items.append((dict(ladders), batch["attention_mask"], batch["labels"]))
 
@@ -76,8 +76,8 @@ def evaluate(tuned, cache: LadderCache) -> tuple[float, float]:
 def run(init: str, seed: int, args, model, fisher_data, train_cache, validation_cache) -> dict:
     torch.manual_seed(seed)
     options = {"init": "random"} if init == "random" else {"init": "fisher", "fisher_pruning": init}
-    config = leantune.make_config("lst", reduction_factor=8, fisher_samples=args.fisher_samples,
-                                  backbone_train_mode=False, **options)
+    config = leantune.make_config("lst", reduction_factor=8, fisher_samples=args.fisher_samples, fisher_fraction=1.0,
+                                  backbone_train_mode=False, **options)  # fisher_data holds exactly the samples
     tuned = leantune.wrap(model, config, data=fisher_data if init != "random" else None)
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=args.lr)
     curve = {0: evaluate(tuned, validation_cache)}

@@ -152,3 +152,18 @@ def test_bad_batch_size_and_empty_data_are_refused() -> None:
         fisher_scores(model, dict(model.named_parameters()), [], 4, batch_size=0)
     with pytest.raises(ConfigError, match="hold no examples"):
         fisher_scores(model, dict(model.named_parameters()), [], 4, progress=False)
+
+
+def test_a_hidden_training_phase_hides_the_fisher_progress_bar(monkeypatch, capsys) -> None:
+    from leantune.train.loop import phase
+
+    monkeypatch.setattr(fisher_module, "PROGRESS_DELAY_S", 0.0)
+    model = make_model("bert")
+    params = {n: p for n, p in model.named_parameters() if n.endswith("bias")}
+    with phase("initialising", show=False):
+        fisher_scores(model, params, padded_batches("bert"), 4)
+    assert "Fisher scores" not in capsys.readouterr().err
+    with phase("initialising", show=True):
+        fisher_scores(model, params, padded_batches("bert"), 4)
+    err = capsys.readouterr().err
+    assert "Fisher scores" in err and "initialising: done in" in err

@@ -45,6 +45,7 @@ def lst(family: str, seed: int = 0, data_seed: int = 0, **options) -> leantune.T
     data = None
     if options["init"] == "fisher":
         options.setdefault("fisher_samples", 6)
+        options.setdefault("fisher_fraction", 1.0)
         data = [inputs_of(family, batch=3, seed=data_seed + s) for s in range(2)]
     return leantune.wrap(model_of(family, seed), leantune.make_config("lst", **options), data=data)
 
@@ -233,7 +234,7 @@ def test_fisher_rows_follow_importance() -> None:
             loss = base(**{k: v[j:j + 1] for k, v in batch.items()}).loss
             fisher += torch.autograd.grad(loss, weight)[0] ** 2
     tuned = leantune.wrap(make_model(family), leantune.make_config(
-        "lst", init="fisher", reduction_factor=R, fisher_samples=6), data=data)
+        "lst", init="fisher", reduction_factor=R, fisher_samples=6, fisher_fraction=1.0), data=data)
     rows, columns = tuned.method.pruning["encoder"][1]["ffn_output"]
     expected = fisher[:, columns].sum(1).topk(32 // R).indices.sort().values
     assert torch.equal(rows, expected)
@@ -419,6 +420,7 @@ def vl_lst(family: str, seed: int = 0, **options) -> leantune.TunedModel:
     data = None
     if options["init"] == "fisher":
         options.setdefault("fisher_samples", 4)
+        options.setdefault("fisher_fraction", 1.0)
         data = [vl_inputs_of(family, seed=s) for s in range(2)]
     return leantune.wrap(model, leantune.make_config("lst", **options), data=data)
 
@@ -559,3 +561,133 @@ def test_vl_paper_side_network_count_t5_base() -> None:
     assert side == 16_386_072 and projection == 1_581_312
     assert tuned.trainable_parameter_count()[0] == side + projection
     assert round(100 * side / 222_882_048, 2) == 7.35
+
+
+# --- ladder normalisation (issue 13) ---------------------------------------------------------------------------------
+def test_ladder_norm_defaults_on_for_pre_norm_encoder_classifiers_only() -> None:
+    assert all(lst(family).method.ladder_norm for family in ("vit", "dinov2", "clip-vision"))
+    assert not any(lst(family).method.ladder_norm for family in ("bert", "t5", "bart"))
+    assert not vl_lst("bert").method.ladder_norm
+    assert lst("t5", ladder_norm=True).method.ladder_norm and not lst("vit", ladder_norm=False).method.ladder_norm
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2"])  # pre-norm: raw block outputs are not normalised
+def test_side_network_reads_per_token_normalised_ladders(family: str) -> None:
+    normed, raw = lst(family).eval(), lst(family, ladder_norm=False).eval()
+    raw.method_modules.load_state_dict(normed.method_modules.state_dict())
+    method, inputs = raw.method, make_inputs(family)
+    inputs.pop("labels")
+    name = method.stack_names[0]
+    with torch.no_grad():
+        with method.recording(name) as ladders:
+            raw.base_model.base_model(**inputs)
+        for hidden in ladders.values():  # the raw block outputs are not normalised (else the test proves nothing)
+            assert (hidden.mean(-1).abs().max() > 1e-3) or (hidden.var(-1, unbiased=False) - 1).abs().max() > 1e-3
+        by_hand = method.classify(raw.method_modules, {i: torch.nn.functional.layer_norm(h, h.shape[-1:])
+                                                       for i, h in ladders.items()}, inputs.get("attention_mask"))
+        with normed.method.recording(name) as recorded:
+            normed.base_model.base_model(**inputs)
+        for hidden in recorded.values():
+            torch.testing.assert_close(hidden.mean(-1), torch.zeros(hidden.shape[:-1]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(main_output(normed(**inputs)), by_hand)
+        assert not torch.allclose(main_output(raw(**inputs)), by_hand)
+
+
+def test_ladder_norm_on_t5_keeps_generation_cache_parity_and_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    tuned = lst("t5", ladder_norm=True)
+    train_steps(tuned, "t5", steps=2)
+    tuned.eval()
+    inputs = make_inputs("t5", batch=3)
+    inputs.pop("labels")
+    greedy = tuned.generate(**inputs, max_new_tokens=5)
+    assert torch.equal(greedy, tuned.generate(**inputs, max_new_tokens=5, use_cache=False))
+    with torch.no_grad():
+        logits = tuned(**inputs, decoder_input_ids=greedy[:, :-1]).logits
+    assert torch.equal(logits.argmax(-1)[:, :1], greedy[:, 1:2])
+    tuned.save_pretrained(tmp_path)
+    restored = leantune.load(make_model("t5"), tmp_path).eval()
+    assert restored.method.ladder_norm
+    assert torch.equal(restored.generate(**inputs, max_new_tokens=5), greedy)
+
+
+# --- init="auto" and the Fisher budget (issues 13 and 9) -------------------------------------------------------------
+def test_auto_init_is_random_on_vision_backbones_and_fisher_on_text_models() -> None:
+    for family in ("vit", "dinov2", "clip-vision"):
+        tuned = leantune.wrap(model_of(family), leantune.make_config("lst", reduction_factor=R))  # no data needed
+        assert tuned.method.init == "random" and not hasattr(tuned.method, "pruning"), family
+    for family in ("t5", "bert"):
+        data = [make_inputs(family, batch=3, seed=s) for s in range(2)]
+        tuned = leantune.wrap(make_model(family), leantune.make_config("lst", reduction_factor=R), data=data)
+        assert tuned.method.init == "fisher" and "encoder" in tuned.method.pruning, family
+
+
+class CountingBatches(list):
+    """A list of batches that counts the batches read from it."""
+
+    read = 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.read += 1
+            yield batch
+
+
+def test_fisher_sample_count_scales_with_the_data_and_is_what_the_init_reads() -> None:
+    from leantune.methods.lst.pruning import fisher_sample_count
+
+    def count(data, **options) -> int:
+        return fisher_sample_count(leantune.make_config("lst", **options), data)
+
+    twelve = [make_inputs("t5", batch=3, seed=s) for s in range(4)]
+    assert count(twelve) == 2  # ceil(0.1 * 12)
+    assert count(twelve, fisher_fraction=1.0, fisher_samples=5) == 5
+    assert count(iter(twelve), fisher_samples=7) == 7  # a generator cannot tell its size
+    assert count(type("Sized", (), {"num_examples": 1000})()) == 100
+    data = CountingBatches(twelve)
+    leantune.wrap(make_model("t5"), leantune.make_config("lst", reduction_factor=R, fisher_fraction=0.25), data=data)
+    # counting the examples walks the list once (4); the Fisher's 3 examples are the first batch, then the second
+    # batch is opened and left (2), where fisher_samples=1024 alone would have read all 4 again
+    assert data.read == 4 + 2
+
+
+# --- fewer side heads ------------------------------------------------------------------------------------------------
+def test_fewer_side_heads_keep_widths_and_counts_and_shrink_what_autograd_keeps() -> None:
+    batch, source, target = 4, 48, 6
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(2, 96, (batch, source), generator=g),
+              "labels": torch.randint(2, 96, (batch, target), generator=g)}
+    sizes = {}
+    for heads in (None, 1):
+        tuned = leantune.wrap(medium_t5(), leantune.make_config("lst", init="random", reduction_factor=8,
+                                                                side_heads=heads))
+        attention = tuned.method_modules.stacks["encoder"].blocks["0"].attention
+        assert attention.query.weight.shape == (256 // 8, 256 // 8)  # 4 x 64 inner dims / 8, however grouped
+        bias = tuned.method_modules.stacks["encoder"].position_bias.table.weight
+        backbone_bias = tuned.base_model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+        torch.testing.assert_close(bias, backbone_bias.mean(-1, keepdim=True) if heads == 1 else backbone_bias)
+        trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+        sizes[heads] = (trainable, saved_bytes(tuned.train(), inputs)[0])
+    assert sizes[1][0] == sizes[None][0] - 2 * 32 * 3  # same weights; per stack, 32 buckets x 3 bias heads fewer
+    # the encoder's self-attention maps shrink from 4 heads to 1 (and the decoder's), everything else is equal
+    assert sizes[1][1] < sizes[None][1] - 2 * batch * 3 * source ** 2 * 4
+
+
+@pytest.mark.parametrize("family", ["t5", "vit"])
+def test_fewer_side_heads_train_save_load_and_generate(family: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    tuned = lst(family, side_heads=2, init="fisher")  # tiny models have 4 heads
+    assert tuned.method_modules.stacks[tuned.method.stack_names[0]].blocks["0"].attention.heads == 2
+    train_steps(tuned, family, steps=2)
+    tuned.save_pretrained(tmp_path)
+    restored = leantune.load(make_model(family), tmp_path)
+    inputs = make_inputs(family, seed=9)
+    tuned.eval(), restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(restored(**inputs)), main_output(tuned(**inputs)), rtol=0, atol=0)
+    if family == "t5":
+        inputs.pop("labels")
+        greedy = tuned.generate(**inputs, max_new_tokens=5)
+        assert torch.equal(greedy, tuned.generate(**inputs, max_new_tokens=5, use_cache=False))
+    with pytest.raises(ConfigError, match=r"LSTConfig.side_heads=3 does not divide the .* 4 attention heads"):
+        lst(family, side_heads=3)

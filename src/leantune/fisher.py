@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from leantune.errors import ConfigError, LeantuneError, UnsupportedMethodError
+from leantune.progress import bars_shown
 
 logger = logging.getLogger("leantune.fisher")
 
@@ -66,6 +67,19 @@ def single_examples(batches: Iterable[dict[str, Any]], limit: int) -> Iterator[d
             count += 1
 
 
+def example_count(data: Any) -> int | None:
+    """How many examples ``data`` holds, where it tells without being read: its ``num_examples``, or the sum of
+    the batch sizes of a list or tuple of batches; ``None`` for anything else (a generator, a loader)."""
+    count = getattr(data, "num_examples", None)
+    if isinstance(count, int):
+        return count
+    if not isinstance(data, (list, tuple)):
+        return None
+    sizes = [next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 0)
+             for batch in data if isinstance(batch, dict)]
+    return sum(sizes) if len(sizes) == len(data) else None
+
+
 def strip_padding(example: Example, labels_aligned: bool = True) -> Example:
     """The batch-1 ``example`` without its trailing padding (attention mask ``1..1 0..0``).
 
@@ -97,13 +111,16 @@ def fisher_scores(
     fisher: str = "empirical",
     grad_type: str = "square",
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-entry Fisher scores of ``params`` (float32, same shapes) from ``num_samples`` examples of ``batches``.
 
     ``batch_size``: examples whose gradients are computed together (1: one backward pass per example; default:
     :data:`DEFAULT_BATCH_SIZE` for the device, capped so that their per-example gradients fit in
-    :data:`GRADIENT_MEMORY_BUDGET`). ``progress``: a progress bar (shown after a moment, removed when done).
+    :data:`GRADIENT_MEMORY_BUDGET`). ``progress``: a progress bar on stderr, shown after
+    :data:`PROGRESS_DELAY_S` and removed when done; ``None`` = shown except inside
+    :func:`leantune.progress.hidden` (the CLI's ``--no-progress``) or with tqdm's own ``TQDM_DISABLE=1``;
+    ``False`` = never.
     Requires-grad flags and the train/eval mode are restored afterwards, and no ``.grad`` is left behind.
     """
     if fisher not in FISHER_KINDS or grad_type not in STATISTICS:
@@ -115,8 +132,11 @@ def fisher_scores(
     chunk = accumulator.batch_size(batch_size)
     labels_aligned = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     groups: dict[tuple, list[Example]] = {}
+    if progress is None and not bars_shown():
+        progress = False
+    shown = {} if progress is None else {"disable": not progress}
     bar = tqdm(total=num_samples, desc="Fisher scores", unit="example", leave=False, delay=PROGRESS_DELAY_S,
-               disable=not progress)
+               **shown)
     with _fisher_mode(model, accumulator.tensors), bar:
         for example in single_examples(batches, num_samples):
             example = strip_padding(_to_device(example, accumulator.device), labels_aligned)

@@ -5,6 +5,8 @@ map) hand the block outputs ("ladders") to a side network whose width, feed-forw
 are the backbone's divided by ``reduction_factor``, with the same number of heads. Before each kept side layer
 ``i`` the side state is gated with the projected ladder, ``s <- mu_i * s + (1 - mu_i) * Down_i(h_i)``,
 ``mu_i = sigmoid(alpha_i / T)``; the first ladder is the input of the backbone's first block (its embeddings).
+Pre-norm encoder classifiers (ViT, DINOv2) normalise every ladder per token first (``ladder_norm``: their block
+outputs are residual streams whose scale changes many times over across depth).
 Encoder-decoder models get a side encoder and a side decoder that cross-attends to the side encoder; the
 prediction is the frozen LM head applied to ``Up(s)`` (times ``d_model ** -0.5`` where the family rescales its
 tied head input). Encoder-only and vision encoders get a side head on the side output, pooled as the family pools.

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 
 from leantune.errors import UnsupportedMethodError
 from leantune.layers.attention import KeyValueCache
-from leantune.methods.lst.network import BlockCache, padding_keep, record_ladders, self_attention_mask
+from leantune.methods.lst.network import BlockCache, padding_keep, self_attention_mask
 from leantune.vl.model import VISUAL_INPUTS, text_model_of
 
 if TYPE_CHECKING:
@@ -84,8 +84,7 @@ def _side_logits(method: LadderSideTuning, tuned: TunedModel, cache: EncoderDeco
     model, network = tuned.base_model, tuned.method_modules
     text = text_model_of(model)
     side_decoder = network.stacks["decoder"]
-    encoder_blocks, decoder_blocks = (method.backbone.stacks[n].blocks for n in ("encoder", "decoder"))
-    first_side_layer = len(decoder_blocks)  # side layers follow the backbone decoder's in the cache
+    first_side_layer = len(method.backbone.stacks["decoder"].blocks)  # side cache layers after the backbone's
     cross_caches = {i: KeyValueCache() for i in method.kept["decoder"]}
     encoded: dict[str, torch.Tensor] = {}
 
@@ -122,8 +121,8 @@ def _side_logits(method: LadderSideTuning, tuned: TunedModel, cache: EncoderDeco
         for module in (model, network):
             stack.callback(module.train, module.training)
             module.eval()
-        encoder_ladders = stack.enter_context(record_ladders(encoder_blocks, method.kept["encoder"]))
-        decoder_ladders = stack.enter_context(record_ladders(decoder_blocks, method.kept["decoder"]))
+        encoder_ladders = stack.enter_context(method.recording("encoder"))
+        decoder_ladders = stack.enter_context(method.recording("decoder"))
         for module, hook in ((text.get_encoder(), after_encoder), (text, after_model)):
             stack.callback(module.register_forward_hook(hook, with_kwargs=True).remove)
         yield

@@ -33,7 +33,7 @@ from leantune.methods.lst.network import (
     record_ladders,
     self_attention_mask,
 )
-from leantune.methods.lst.pruning import fisher_initialise
+from leantune.methods.lst.pruning import fisher_initialise, fisher_sample_count
 from leantune.registry import register
 from leantune.vl.model import (
     VISUAL_INPUTS,
@@ -96,7 +96,8 @@ class LadderSideTuning(TuningMethod):
     # --- facts ---------------------------------------------------------------------------------------------------
 
     def needs_data(self) -> bool:
-        return self.config.init == "fisher"
+        """``init="auto"`` may read data: it does on encoder-decoder models, which ``attach`` resolves."""
+        return self.config.init != "random"
 
     def unsupported_reason(self, backbone: Backbone) -> str | None:
         arch, model = backbone.arch, backbone.model
@@ -136,16 +137,26 @@ class LadderSideTuning(TuningMethod):
         self.backbone = backbone
         self.stack_names = side_stack_names(backbone)
         self.kept = {name: self._kept_layers(backbone.stacks[name]) for name in self.stack_names}
+        self.ladder_norm = self.config.ladder_norm
+        if self.ladder_norm is None:  # pre-norm encoders hand over raw residual streams (docs/lst.md)
+            self.ladder_norm = (backbone.arch.kind == "encoder" and backbone.arch.norm_position == "pre"
+                                and not isinstance(model, VisionLanguageModel))
         for name in self.stack_names:
             self._check_divisible(backbone.stacks[name])
-        if self.needs_data() and not context.loading and context.data is None:
-            raise ConfigError("LSTConfig.init='fisher' initialises the side network from task data: pass "
-                              "data=<batches with labels> to leantune.wrap, or use init='random'")
+        self.init = self.config.init
+        if self.init == "auto":  # measured: Fisher worse than random on DINOv2 (docs/lst.md)
+            self.init = "random" if "vision" in backbone.arch.modality else "fisher"
+        fisher = self.init == "fisher" and not context.loading
+        if fisher and context.data is None:
+            raise ConfigError(f"LSTConfig.init={self.config.init!r} initialises the side network of "
+                              f"{type(model).__name__} from task data: pass data=<batches with labels> to "
+                              "leantune.wrap, or use init='random'")
         with torch.device(next(model.parameters()).device):
             network = self._build(model, backbone)
-        if self.needs_data() and not context.loading:
+        if fisher:
+            samples = fisher_sample_count(self.config, context.data)
             data = text_only(context.data) if isinstance(model, VisionLanguageModel) else context.data
-            self.pruning = fisher_initialise(model, backbone, self, network, data)
+            self.pruning = fisher_initialise(model, backbone, self, network, data, samples)
         text_model_of(model).to(DTYPES[self.config.backbone_dtype])  # a visual projection stays float32
         return network
 
@@ -170,9 +181,18 @@ class LadderSideTuning(TuningMethod):
         for what, size in sizes.items():
             if size % r:
                 raise ConfigError(f"LSTConfig.reduction_factor={r} does not divide the {stack.name} {what} {size}")
+        side_heads = self.config.side_heads
+        if side_heads is not None and stack.num_heads % side_heads:
+            raise ConfigError(f"LSTConfig.side_heads={side_heads} does not divide the {stack.name}'s "
+                              f"{stack.num_heads} attention heads")
+
+    def side_heads(self, stack: Stack) -> int:
+        """The side network's head count: ``side_heads``, or the backbone's (the paper)."""
+        return stack.num_heads if self.config.side_heads is None else self.config.side_heads
 
     def side_shape(self, stack: Stack) -> SideShape:
-        """The side block shape for ``stack``: every backbone width divided by r, the head count kept."""
+        """The side block shape for ``stack``: every backbone width divided by r; the head count kept, or
+        ``side_heads`` heads as wide as the query/key/value width allows."""
         r = self.config.reduction_factor
         block = stack.blocks[0]
         query, ffn_out = block.get("query")[1], block.get("ffn_output")[1]
@@ -180,8 +200,8 @@ class LadderSideTuning(TuningMethod):
         unscaled_attention = self.backbone.arch.attention_scale == "none"
         return SideShape(
             d_model=stack.hidden_size // r,
-            heads=stack.num_heads,
-            d_kv=linear_in_out(query)[1] // stack.num_heads // r,
+            heads=self.side_heads(stack),
+            d_kv=linear_in_out(query)[1] // r // self.side_heads(stack),
             d_ff=linear_in_out(ffn_out)[0] // r,
             ffn_inputs=len(block.find("ffn_input")),
             attention_bias=query.bias is not None,
@@ -203,8 +223,8 @@ class LadderSideTuning(TuningMethod):
             table = found[0][1]
             position_bias = RelativePositionBias(table.num_embeddings, model.config.relative_attention_max_distance,
                                                  shape.heads, bidirectional=stack.name != "decoder")
-            with torch.no_grad():
-                position_bias.table.weight.copy_(table.weight)
+            with torch.no_grad():  # with fewer side heads: the mean over each group of backbone heads
+                position_bias.table.weight.copy_(table.weight.view(table.num_embeddings, shape.heads, -1).mean(-1))
         return SideStack(
             stack.hidden_size, len(stack.blocks), self.kept[stack.name], shape, stack.blocks[0].get("activation")[1],
             cross=stack.name == "decoder", final_norm=NormSpec.of(stack.final_norm[1]) if stack.final_norm else None,
@@ -231,6 +251,10 @@ class LadderSideTuning(TuningMethod):
         return network
 
     # --- running ---------------------------------------------------------------------------------------------------
+
+    def recording(self, stack_name: str) -> contextlib.AbstractContextManager[dict[int, torch.Tensor]]:
+        """:func:`record_ladders` on the kept layers of backbone stack ``stack_name``, normalised as configured."""
+        return record_ladders(self.backbone.stacks[stack_name].blocks, self.kept[stack_name], self.ladder_norm)
 
     @contextlib.contextmanager
     def backbone_running(self, model: nn.Module, training: bool) -> Iterator[None]:
@@ -271,8 +295,7 @@ class LadderSideTuning(TuningMethod):
         model, network = tuned.base_model, tuned.method_modules
         name = self.stack_names[0]
         visual = self.visual_inputs(model, visual_features, visual_boxes, visual_mask)
-        with self.backbone_running(model, tuned.training), \
-                record_ladders(self.backbone.stacks[name].blocks, self.kept[name]) as ladders:
+        with self.backbone_running(model, tuned.training), self.recording(name) as ladders:
             model.base_model(**inputs)
         logits = self.classify(network, ladders, inputs.get("attention_mask"), visual)
         if labels is None:
@@ -316,11 +339,10 @@ class LadderSideTuning(TuningMethod):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         visual = self.visual_inputs(model, visual_features, visual_boxes, visual_mask)
-        encoder_blocks, decoder_blocks = (self.backbone.stacks[n].blocks for n in ("encoder", "decoder"))
         with self.backbone_running(model, tuned.training):
-            with record_ladders(encoder_blocks, self.kept["encoder"]) as encoder_ladders:
+            with self.recording("encoder") as encoder_ladders:
                 encoded = text.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
-            with record_ladders(decoder_blocks, self.kept["decoder"]) as decoder_ladders:
+            with self.recording("decoder") as decoder_ladders:
                 text.get_decoder()(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
                                    encoder_hidden_states=encoded, encoder_attention_mask=attention_mask,
                                    use_cache=False)

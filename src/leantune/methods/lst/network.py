@@ -236,17 +236,27 @@ class LSTNetwork(nn.Module):
 # --- recording ladders ---------------------------------------------------------------------------------------
 
 
+def normalised(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` normalised over its last dimension to zero mean and unit variance (no parameters)."""
+    return F.layer_norm(hidden, hidden.shape[-1:])
+
+
 @contextlib.contextmanager
-def record_ladders(blocks: list[Block], kept: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """While active, ``ladders[-1]`` gets the first block's input and ``ladders[i]`` block i's output (kept i)."""
+def record_ladders(blocks: list[Block], kept: list[int], normalise: bool = False
+                   ) -> Iterator[dict[int, torch.Tensor]]:
+    """While active, ``ladders[-1]`` gets the first block's input and ``ladders[i]`` block i's output (kept i).
+
+    ``normalise``: record each ladder normalised per token (:func:`normalised`) instead; the backbone goes on with
+    its own tensor, so only the normalised copy stays alive."""
     ladders: dict[int, torch.Tensor] = {}
+    keep = normalised if normalise else (lambda hidden: hidden)
 
     def first_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        ladders[-1] = args[0] if args else kwargs["hidden_states"]
+        ladders[-1] = keep(args[0] if args else kwargs["hidden_states"])
 
     def output_of(index: int) -> Callable[[nn.Module, tuple, Any], None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            ladders[index] = output[0] if isinstance(output, tuple) else output
+            ladders[index] = keep(output[0] if isinstance(output, tuple) else output)
         return hook
 
     handles = [blocks[0].module.register_forward_pre_hook(first_input, with_kwargs=True)]

@@ -1,7 +1,8 @@
 """Fisher-guided structured pruning of the backbone, used to initialise LST's side blocks (paper section 3.2).
 
 1. Empirical Fisher: ``F[w] = sum over examples of (d loss / d w) ** 2`` from the task loss of the plain backbone,
-   ``fisher_samples`` examples at batch size 1, eval mode (:func:`leantune.fisher.fisher_scores`).
+   at most ``fisher_samples`` examples and ``fisher_fraction`` of the data (:func:`fisher_sample_count`) at
+   batch size 1, eval mode (:func:`leantune.fisher.fisher_scores`, with its progress bar).
 2. Row selection, walking each stack in order and carrying ``P``, the residual dimensions selected last: the
    embeddings give the first ``P`` (their Fisher summed over everything but the hidden dimension); in each block
    query/key/value keep the same rows (scored jointly by the L1 norm of ``F_q * F_k * F_v`` over the input
@@ -18,6 +19,7 @@ keeps the ``d_kv / r`` best rows inside each head, so side head h is built from 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -25,21 +27,33 @@ import torch
 from torch import nn
 
 from leantune.backbones import PROJECTION_ROLES, Backbone, Block, Stack, linear_weight_as_out_in
-from leantune.fisher import fisher_scores
+from leantune.fisher import example_count, fisher_scores
 
 if TYPE_CHECKING:
+    from leantune.methods.lst.config import LSTConfig
     from leantune.methods.lst.method import LadderSideTuning
     from leantune.methods.lst.network import LSTNetwork, SideBlock
 # Per block: role -> (kept rows, kept input columns) for projections, role -> kept channels for norms/scales.
 Selection = dict[str, Any]
 
 
+def fisher_sample_count(config: LSTConfig, data: Any) -> int:
+    """Examples the Fisher reads: ``fisher_samples``, capped at ``fisher_fraction`` of ``data``'s examples
+    (rounded up) where ``data`` tells how many it holds (:func:`leantune.fisher.example_count`)."""
+    available = example_count(data)
+    if available is None:
+        return config.fisher_samples
+    return max(1, min(config.fisher_samples, math.ceil(config.fisher_fraction * available)))
+
+
 def fisher_initialise(model: nn.Module, backbone: Backbone, method: LadderSideTuning, network: LSTNetwork,
-                      data: Iterable[dict[str, torch.Tensor]]) -> dict[str, list[Selection] | torch.Tensor]:
-    """Compute the Fisher, select rows, copy them into ``network``; return the selections (for inspection)."""
+                      data: Iterable[dict[str, torch.Tensor]], samples: int
+                      ) -> dict[str, list[Selection] | torch.Tensor]:
+    """Compute the Fisher from ``samples`` examples of ``data``, select rows, copy them into ``network``; return
+    the selections (for inspection)."""
     config = method.config
     params = _fisher_parameters(model, backbone, method.stack_names)
-    fisher = fisher_scores(model, params, data, config.fisher_samples, "empirical", "square")
+    fisher = fisher_scores(model, params, data, samples, "empirical", "square")
     r, variant = config.reduction_factor, config.fisher_pruning
     first = backbone.stacks[method.stack_names[0]]
     carried = _embedding_dims(first, fisher, r)
