@@ -323,3 +323,15 @@ def test_compare_table_shows_the_average_and_a_column_per_task() -> None:
     assert "test average" in header and header.index("sentiment") < header.index("topic")
     assert lora.split()[1:5] == ["0.5000", "0.5000", "0.7500", "0.2500"]
     assert adapter.split()[1:5] == ["0.7500", "0.5000", "1.0000", "0.5000"]
+
+
+def test_hyperformer_without_task_names_trains_a_single_task_through_the_cli(tmp_path: Path,
+                                                                             tiny_bert_dir: Path) -> None:
+    reviews = Path(__file__).parent / "fixtures" / "local" / "reviews.csv"
+    run_dir = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_bert_dir), "--data", str(reviews), "--method", "hyperformer",
+                 "--max-steps", "3", "--batch-size", "4", "--max-length", "24", "--no-progress", "--no-baselines",
+                 "--no-measure-memory", "--output-dir", str(run_dir)])
+    assert code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == 3 and 0.0 <= results["test_metric"] <= 1.0

@@ -59,7 +59,10 @@ class Hyperformer(TuningMethod):
     default_learning_rate = 1e-3
 
     def declared_inputs(self) -> tuple[CallInput, ...]:
+        """``task``, when the method knows task names; without them every call uses the one ``default`` task."""
         tasks = self.config.tasks or []
+        if not tasks:
+            return ()
         return (CallInput("task", "the batch's task name or index", required=len(tasks) > 1,
                           choices=tuple(tasks) or None),)
 
