@@ -23,10 +23,12 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from leantune.backbones import find_architecture, is_norm
+from leantune.config import check_choice
 from leantune.errors import ConfigError, UnsupportedMethodError, UnsupportedModelError
 from leantune.layers.prefix import insert_tokens
 
 VISUAL_INPUTS = ("visual_features", "visual_boxes", "visual_mask")
+POOLINGS = ("mean", "pooler", "cls")
 """Keyword inputs the model takes beside the text ones."""
 BOX_FEATURES = 5  # x1, y1, x2, y2 (normalised to [0, 1]) and the box area
 
@@ -113,13 +115,19 @@ class VisionLanguageModel(nn.Module):
     example the image-order embedding distinguishes (NLVR2: 2). ``use_boxes``: the box/position term.
     ``object_order``: add VL-T5's object-order rows of the frozen word embeddings (the vocabulary must end with
     the ``<vis_extra_id_*>`` tokens). ``num_answers``: size of the answer vocabulary (encoder-only backbones).
+    ``pooling`` (encoder-only backbones): what the answer head reads: ``mean`` = the mean of the last hidden states
+    over the text and visual tokens (default: it reaches the visual tokens directly, and sentence encoders such as
+    all-MiniLM-L6-v2 are trained for it), ``pooler`` = the backbone's own pooler (BERT's tanh layer over [CLS]),
+    ``cls`` = the first token's last hidden state.
     """
 
     main_input_name = "input_ids"
 
     def __init__(self, text_model: nn.Module, feature_dim: int, num_images: int = 2, use_boxes: bool = True,
-                 object_order: bool = False, num_answers: int | None = None) -> None:
+                 object_order: bool = False, num_answers: int | None = None, pooling: str = "mean") -> None:
         super().__init__()
+        self.pooling = pooling
+        check_choice(self, "pooling", POOLINGS)
         config = text_model.config
         arch = find_architecture(text_model)
         if arch.kind == "decoder" or arch.modality != "text":
@@ -205,13 +213,23 @@ class VisionLanguageModel(nn.Module):
     def _classify(self, inputs: dict[str, Any], labels: torch.Tensor | None, loss_weights: torch.Tensor | None,
                   **kwargs: Any) -> SequenceClassifierOutput:
         outputs = self.text_model(**inputs, **kwargs)
-        pooled = getattr(outputs, "pooler_output", None)
-        if pooled is None:
-            pooled = outputs.last_hidden_state[:, 0]
-        logits = self.classifier(pooled)
+        logits = self.classifier(self._pooled(outputs, inputs.get("attention_mask")))
         loss = None if labels is None else answer_loss(logits, labels, loss_weights)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                         attentions=outputs.attentions)
+
+    def _pooled(self, outputs: Any, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """One vector per example for the answer head (see ``pooling``)."""
+        hidden = outputs.last_hidden_state
+        pooled = getattr(outputs, "pooler_output", None)
+        if self.pooling == "cls" or (self.pooling == "pooler" and pooled is None):
+            return hidden[:, 0]
+        if self.pooling == "pooler":
+            return pooled
+        if attention_mask is None:
+            return hidden.mean(dim=1)
+        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  inputs_embeds: torch.Tensor | None = None, visual_features: torch.Tensor | None = None,

