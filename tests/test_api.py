@@ -13,7 +13,7 @@ from torch import nn
 
 import leantune
 from leantune.backbones import ArchitectureMap, StackSpec, resolve, supported_families
-from leantune.errors import CheckpointError, UnsupportedMethodError, UnsupportedModelError
+from leantune.errors import CheckpointError, ConfigError, UnsupportedMethodError, UnsupportedModelError
 
 
 def test_methods_lists_registered_baselines() -> None:
@@ -296,3 +296,15 @@ def test_loaded_model_matches_and_only_delta_is_saved(saved) -> None:
     assert saved_params < base_params / 4
     out = restored(**make_inputs("bert"))
     assert out.logits.shape == (2, 3)
+
+
+def test_wrap_with_a_saved_delta_skips_data_driven_init_and_refuses_data_too() -> None:
+    config = leantune.make_config("lst", init="fisher")
+    with pytest.raises(ConfigError):  # Fisher init without data
+        leantune.wrap(make_model("bert"), config)
+    reference = leantune.wrap(make_model("bert"), leantune.make_config("lst", init="random"))
+    saved = reference.delta_state_dict()
+    resumed = leantune.wrap(make_model("bert"), config, saved=saved)
+    assert set(resumed.delta_state_dict()) == set(saved)
+    with pytest.raises(ValueError, match="not both"):
+        leantune.wrap(make_model("bert"), config, data=[make_inputs("bert")], saved=saved)

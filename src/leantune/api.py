@@ -191,13 +191,19 @@ def wrap(
     config: MethodConfig,
     architecture: ArchitectureMap | None = None,
     data: Iterable[dict[str, torch.Tensor]] | None = None,
+    saved: dict[str, torch.Tensor] | None = None,
 ) -> TunedModel:
     """Attach the method of ``config`` to ``model`` (modified in place) and freeze everything it does not train.
 
     ``architecture`` replaces the built-in map entry; ``data`` (task batches with labels) feeds methods that
-    initialise from data, such as a Fisher-guided initialisation.
+    initialise from data, such as a Fisher-guided initialisation. ``saved``: a delta (tensors by name) the caller
+    loads afterwards, as when resuming a run: methods then skip their data-driven initialisation and take
+    data-dependent shapes (FISH's selected entries) from it, as :func:`load` does; ``data`` must then be None.
     """
-    return _wrap(model, config, architecture, AttachContext(data=data))
+    if saved is not None and data is not None:
+        raise ValueError("wrap takes data (to initialise from) or saved (a delta to load afterwards), not both")
+    context = AttachContext(data=data) if saved is None else AttachContext(saved=saved)
+    return _wrap(model, config, architecture, context)
 
 
 def _wrap(

@@ -659,8 +659,8 @@ def build(spec: RunSpec, for_loading: bool = False, initialise: bool = True,
     if for_loading:
         return model, tokenizer, tasks, config
     torch.manual_seed(config.seed)
-    if not initialise:
-        return attach_for_resume(model, method_config, saved), tokenizer, tasks, config
+    if not initialise:  # a resumed run: the checkpoint's delta replaces any data-driven initialisation
+        return leantune.wrap(model, method_config, saved=saved or {}), tokenizer, tasks, config
     data = None
     if get_method(spec.method)(method_config).needs_data():
         encoders = task_encoders(tasks.subset({"train": config.train_examples}), tokenizer, model, config.max_length,
@@ -669,12 +669,3 @@ def build(spec: RunSpec, for_loading: bool = False, initialise: bool = True,
     tuned = leantune.wrap(model, method_config, data=data)
     return tuned, tokenizer, tasks, config
 
-
-def attach_for_resume(model: torch.nn.Module, method_config: Any, saved: dict[str, torch.Tensor] | None
-                      ) -> TunedModel:
-    """``model`` wrapped as ``leantune.load`` wraps it: no data-driven initialisation; ``saved`` (the delta the
-    checkpoint restores) shapes what data would have."""
-    from leantune.api import _wrap
-    from leantune.methods.base import AttachContext
-
-    return _wrap(model, method_config, None, AttachContext(saved=saved if saved is not None else {}))
