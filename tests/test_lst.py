@@ -260,10 +260,10 @@ def test_save_load_round_trip(family: str, tmp_path) -> None:
         torch.testing.assert_close(main_output(restored(**inputs)), main_output(tuned(**inputs)), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
-def test_generate_same_tokens_with_and_without_side_cache(family: str) -> None:
+@pytest.mark.parametrize("family, options", [("t5", {}), ("bart", {}), ("t5", {"ladder_norm": True})])
+def test_generate_same_tokens_with_and_without_side_cache(family: str, options: dict) -> None:
     torch.manual_seed(0)
-    tuned = lst(family, init="fisher")
+    tuned = lst(family, init="fisher", **options)
     train_steps(tuned, family, steps=2)
     tuned.eval()
     inputs = make_inputs(family, batch=3)
@@ -593,7 +593,8 @@ def test_side_network_reads_per_token_normalised_ladders(family: str) -> None:
         assert not torch.allclose(main_output(raw(**inputs)), by_hand)
 
 
-def test_ladder_norm_on_t5_keeps_generation_cache_parity_and_round_trip(tmp_path) -> None:
+def test_ladder_norm_on_t5_survives_save_and_load(tmp_path) -> None:
+    """(Its generation cache parity is in test_generate_same_tokens_with_and_without_side_cache.)"""
     torch.manual_seed(0)
     tuned = lst("t5", ladder_norm=True)
     train_steps(tuned, "t5", steps=2)
@@ -601,10 +602,6 @@ def test_ladder_norm_on_t5_keeps_generation_cache_parity_and_round_trip(tmp_path
     inputs = make_inputs("t5", batch=3)
     inputs.pop("labels")
     greedy = tuned.generate(**inputs, max_new_tokens=5)
-    assert torch.equal(greedy, tuned.generate(**inputs, max_new_tokens=5, use_cache=False))
-    with torch.no_grad():
-        logits = tuned(**inputs, decoder_input_ids=greedy[:, :-1]).logits
-    assert torch.equal(logits.argmax(-1)[:, :1], greedy[:, 1:2])
     tuned.save_pretrained(tmp_path)
     restored = leantune.load(make_model("t5"), tmp_path).eval()
     assert restored.method.ladder_norm
