@@ -48,6 +48,10 @@ class TrainConfig:
     )
     fsdp: bool = field(default=False, metadata={
         "help": "Shard the model with FSDP2 under torchrun (checkpoints through torch.distributed.checkpoint)."})
+    cache_ladders: bool = field(default=False, metadata={
+        "help": "LST on an encoder classifier: store each training example's ladders (fp16, under the run's "
+                "ladder_cache/) in the first epoch, so later epochs skip the backbone. Needs backbone dropout off "
+                "(--set backbone_train_mode=false); see docs/lst.md."})
     progress: bool = field(default=True, metadata={
         "help": "Show progress on stderr: a bar for training and for each evaluation, a line per slow phase."})
 

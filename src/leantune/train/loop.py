@@ -18,7 +18,8 @@ A recipe, read top to bottom; each step is one function below, in this order:
 accepts: classification and regression heads are trained on their ``loss``; encoder-decoder models learn the
 task in text-to-text form and are scored from greedy ``generate``. Several tasks (:class:`MultiTask`): every
 batch holds one task, an epoch runs every task's batches once in an order shuffled per epoch
-(:mod:`leantune.train.sampling`); a head model has one joint head with a slice per task.
+(:mod:`leantune.train.sampling`); a head model has one joint head with a slice per task. With ``cache_ladders``
+(LST) the steps run inside :func:`cached_ladders`, and each training forward tells LST which examples it holds.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +55,9 @@ from leantune.train.config import TrainConfig
 from leantune.train.data import TASK_INPUT, Encoder, InputProcessor, is_text_to_text, task_encoders, to_device
 from leantune.train.evaluation import autocast, average, evaluate, evaluate_tasks, measure_step_memory, peak_memory
 from leantune.train.sampling import epoch_order, epoch_schedule
+
+if TYPE_CHECKING:
+    from leantune.methods.lst.ladder_cache import LadderCache
 
 __all__ = ["RunState", "TrainResult", "TrainingDivergedError", "epoch_order", "evaluate", "is_text_to_text",
            "linear_schedule", "phase", "train"]
@@ -83,7 +89,8 @@ class TrainResult:
     reading the checkpoint to resume), ``train`` (the optimizer steps), ``evaluate`` (validation and test),
     ``checkpoint`` and ``measure_memory``. ``steps`` is the run's length, ``steps_run`` the steps this process
     trained (fewer after a resume), and ``seconds_per_step`` is over those, or ``None`` when there were none (a
-    resumed run that had nothing left to train).
+    resumed run that had nothing left to train). ``ladder_cache_bytes``: with ``cache_ladders``, the bytes the
+    cache held on disk when training ended (the folder is then deleted).
     """
 
     metric: str
@@ -106,6 +113,7 @@ class TrainResult:
     task_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     steps_run: int = 0
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    ladder_cache_bytes: int | None = None
 
     @property
     def trainable_percent(self) -> float:
@@ -183,6 +191,8 @@ class RunState:
     steps_run: int = 0
     schedule: tuple[int, list[tuple[int, int]]] = field(default_factory=lambda: (-1, []))  # (epoch, its schedule)
     orders: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # task -> (epoch, its example order)
+    ladder_cache: LadderCache | None = None  # TrainConfig.cache_ladders: LST's stored ladders while training
+    ladder_cache_bytes: int | None = None  # the cache's size on disk when training ended
 
     @property
     def sharded(self) -> bool:
@@ -227,24 +237,25 @@ def train(
     bar = tqdm(total=run.sizes.total_steps, initial=run.progress.global_step, unit="step",
                desc=f"{model.method.name} on {'+'.join(run.tasks.names)}", dynamic_ncols=True,
                disable=not (config.progress and run.context.is_main))
-    while run.progress.global_step < run.sizes.total_steps:
-        step_loss = train_step(run)
-        memory, _ = peak_memory(run.context.device)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
-                        peak_mem=f"{memory / 2**20:,.0f}MiB", refresh=False)
-        bar.update(1)
-        step = run.progress.global_step
-        at_epoch_end = step % run.sizes.steps_per_epoch == 0
-        if (step % config.eval_every == 0 if config.eval_every else at_epoch_end) or step == run.sizes.total_steps:
-            with timed(run, "evaluate"):
-                metrics, improved = validate(run)
-            if config.progress and run.context.is_main:
-                bar.write(f"step {step}: {validation_line(run, metrics)}" + (" (best)" if improved else ""))
-            with timed(run, "checkpoint"):
-                checkpoint(run)
-        elif config.checkpoint_every and step % config.checkpoint_every == 0:
-            with timed(run, "checkpoint"):
-                checkpoint(run)
+    with cached_ladders(run):
+        while run.progress.global_step < run.sizes.total_steps:
+            step_loss = train_step(run)
+            memory, _ = peak_memory(run.context.device)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
+                            peak_mem=f"{memory / 2**20:,.0f}MiB", refresh=False)
+            bar.update(1)
+            step = run.progress.global_step
+            at_epoch_end = step % run.sizes.steps_per_epoch == 0
+            if (step % config.eval_every == 0 if config.eval_every else at_epoch_end) or step == run.sizes.total_steps:
+                with timed(run, "evaluate"):
+                    metrics, improved = validate(run)
+                if config.progress and run.context.is_main:
+                    bar.write(f"step {step}: {validation_line(run, metrics)}" + (" (best)" if improved else ""))
+                with timed(run, "checkpoint"):
+                    checkpoint(run)
+            elif config.checkpoint_every and step % config.checkpoint_every == 0:
+                with timed(run, "checkpoint"):
+                    checkpoint(run)
     bar.close()
     return finish(run)
 
@@ -287,6 +298,12 @@ def set_up(
     context = distributed.setup()
     if config.precision == "fp16" and context.device.type != "cuda":
         raise ConfigError("TrainConfig.precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
+    if config.cache_ladders:
+        from leantune.methods.lst import ladder_cache  # LST's own machinery, imported only when asked for
+
+        reason = ladder_cache.refusal(model, context.world_size)
+        if reason is not None:
+            raise ConfigError(reason)
     sizes = _sizes(config, context, tasks)
     encoders = task_encoders(tasks, tokenizer, model, config.max_length, config.max_target_length, input_processor)
     torch.manual_seed(config.seed)
@@ -350,6 +367,32 @@ def _place(model: TunedModel, config: TrainConfig, context: distributed.DistCont
     return model, None
 
 
+@contextlib.contextmanager
+def cached_ladders(run: RunState) -> Iterator[None]:
+    """With ``cache_ladders``: LST's ladder cache (:mod:`leantune.methods.lst.ladder_cache`) while the run trains,
+    in ``<output_dir>/ladder_cache/`` (or a temporary folder without an output directory). A stopped run keeps it
+    for ``--resume``; once training has ended its size is noted and the folder deleted."""
+    if not run.config.cache_ladders:
+        yield
+        return
+    from leantune.methods.lst import ladder_cache
+
+    with contextlib.ExitStack() as cleanup:
+        root = run.run_dir or Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="leantune-ladders-")))
+        cache = ladder_cache.open_for_run(run.model, run.tasks, root / ladder_cache.FOLDER,
+                                          resumed=run.last_checkpoint is not None)
+        run.ladder_cache, completed = cache, False
+        try:
+            yield
+            completed = True
+        finally:
+            run.ladder_cache = None
+            run.ladder_cache_bytes = cache.disk_bytes()
+            ladder_cache.close_for_run(run.model, cache)
+            if completed:
+                shutil.rmtree(cache.folder)
+
+
 # --- 2. resume ----------------------------------------------------------------------------------------------------
 def resume_run(run: RunState, resume: bool) -> None:
     """Continue from the run directory's newest intact checkpoint (``resume``), or refuse to overwrite a run.
@@ -387,8 +430,9 @@ def resume_run(run: RunState, resume: bool) -> None:
 
 
 def _check_same_config(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    current = config.to_dict()
-    differing = [k for k in current if k != "progress" and _normalise(saved.get(k)) != _normalise(current[k])]
+    current, defaults = config.to_dict(), TrainConfig().to_dict()  # a setting added since the checkpoint: default
+    differing = [k for k in current
+                 if k != "progress" and _normalise(saved.get(k, defaults[k])) != _normalise(current[k])]
     if differing:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}" for k in differing)
         raise CheckpointError(f"cannot resume from {path}: the training settings differ ({details})")
@@ -431,7 +475,8 @@ def train_step(run: RunState) -> float:
     step_loss = 0.0
     for number, ids in enumerate(micro_batches, start=1):
         batch = to_device(encoder.batch([examples[i] for i in ids]), context.device)
-        with distributed.gradient_sync(run.trained, sync=number == len(micro_batches)):
+        serving = run.ladder_cache.serving(task_index, ids) if run.ladder_cache else contextlib.nullcontext()
+        with distributed.gradient_sync(run.trained, sync=number == len(micro_batches)), serving:
             with autocast(config, context.device):
                 loss = encoder.loss(run.trained, batch) / config.grad_accumulation
             if not distributed.all_true(bool(torch.isfinite(loss).item()), context):
@@ -602,6 +647,7 @@ def finish(run: RunState) -> TrainResult:
         task_metrics={task.name: {"metric": task.metric, "validation": progress.best_task_metrics.get(task.name),
                                   "test": test_metrics[task.name]} for task in run.tasks},
         steps_run=run.steps_run, phase_seconds={name: round(value, 3) for name, value in run.phase_seconds.items()},
+        ladder_cache_bytes=run.ladder_cache_bytes,
     )
     if run.run_dir is not None and context.is_main:
         write_atomic_text(run.run_dir / RESULTS_NAME, json.dumps(result.to_dict(), indent=2) + "\n")

@@ -658,6 +658,12 @@ def build(spec: RunSpec, for_loading: bool = False, initialise: bool = True,
         model = vision_language_model(model, tokenizer, store, config.seed, tasks.num_labels)
     if for_loading:
         return model, tokenizer, tasks, config
+    if config.cache_ladders:  # refuse before LST's Fisher init spends half a minute
+        from leantune.methods.lst.ladder_cache import refusal_before_wrap
+
+        reason = refusal_before_wrap(spec.method, method_config, model)
+        if reason:
+            raise ConfigError(reason)
     torch.manual_seed(config.seed)
     if not initialise:  # a resumed run: the checkpoint's delta replaces any data-driven initialisation
         return leantune.wrap(model, method_config, saved=saved or {}), tokenizer, tasks, config

@@ -18,6 +18,8 @@ fine-tuning.
 ``method``      the registered method: checks, building the side network, forward passes, classification
 ``generation``  decoding with transformers' ``generate``, the side network supplying the logits
 ``pruning``     the Fisher-guided structured pruning of the backbone that initialises the side blocks
+``ladder_cache`` ``TrainConfig.cache_ladders``: each training example's ladders stored (fp16, on disk) in the first
+               epoch, so that later epochs skip the backbone
 """
 
 from leantune.methods.lst.config import LSTConfig

@@ -45,6 +45,7 @@ from leantune.vl.model import (
 
 if TYPE_CHECKING:
     from leantune.api import TunedModel
+    from leantune.methods.lst.ladder_cache import LadderCache
 
 # How the side output is pooled for the side head, by ArchitectureMap.pooling.
 POOLING = {
@@ -92,6 +93,9 @@ class LadderSideTuning(TuningMethod):
         "LST predicts through a separate side network that runs beside the backbone; there are no backbone "
         "weights to fold it into"
     )
+    ladder_cache: LadderCache | None = None
+    """Set by the trainer with ``TrainConfig.cache_ladders``: the training batches' stored ladders
+    (:mod:`leantune.methods.lst.ladder_cache`)."""
 
     # --- facts ---------------------------------------------------------------------------------------------------
 
@@ -295,8 +299,17 @@ class LadderSideTuning(TuningMethod):
         model, network = tuned.base_model, tuned.method_modules
         name = self.stack_names[0]
         visual = self.visual_inputs(model, visual_features, visual_boxes, visual_mask)
-        with self.backbone_running(model, tuned.training), self.recording(name) as ladders:
-            model.base_model(**inputs)
+
+        def run_backbone() -> dict[int, torch.Tensor]:
+            with self.backbone_running(model, tuned.training), self.recording(name) as ladders:
+                model.base_model(**inputs)
+            return ladders
+
+        cache = self.ladder_cache
+        if cache is not None and cache.active:  # a training batch of a run with cached ladders
+            ladders = cache.ladders(inputs.get("attention_mask"), run_backbone)
+        else:
+            ladders = run_backbone()
         logits = self.classify(network, ladders, inputs.get("attention_mask"), visual)
         if labels is None:
             loss = None
