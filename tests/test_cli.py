@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,26 @@ def test_compare_trains_each_method_and_writes_table_json_and_png(tmp_path: Path
     assert any(line.startswith("bitfit") for line in lines) and any(line.startswith("lora") for line in lines)
     assert (out_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out_dir / "lora" / "run.json").read_text())["options"] == {"r": 2}
+
+
+def test_compare_with_seeds_reports_mean_and_std_over_one_run_per_seed(tmp_path: Path, model_dir: Path,
+                                                                      capsys) -> None:
+    out_dir = tmp_path / "cmp"
+    code, out, _ = run_cli(capsys, "compare", "--methods", "bitfit", "--seeds", "0,3", "--model", model_dir,
+                           "--data", REVIEWS, "--output-dir", out_dir, "--learning-rate", "0.05", *FAST)
+    assert code == 0
+    per_seed = [json.loads((out_dir / f"bitfit-seed{seed}" / "results.json").read_text()) for seed in (0, 3)]
+    assert [json.loads((out_dir / f"bitfit-seed{seed}" / "run.json").read_text())["train"]["seed"]
+            for seed in (0, 3)] == [0, 3]
+    tests = [r["test_metric"] for r in per_seed]
+    (row,) = json.loads((out_dir / "compare.json").read_text())["rows"]
+    assert row["seeds"] == [0, 3] and row["seed_test_metrics"] == tests
+    assert row["test_metric"] == pytest.approx(statistics.mean(tests))
+    assert row["test_std"] == pytest.approx(statistics.stdev(tests))
+    assert row["task_metrics"]["reviews"]["test"] == pytest.approx(statistics.mean(tests))
+    assert f"{statistics.mean(tests):.4f} ± {statistics.stdev(tests):.4f}" in out
+    assert run_cli(capsys, "compare", "--methods", "bitfit", "--seeds", "1,1", "--model", model_dir,
+                   "--data", REVIEWS, *FAST)[0] == 2
 
 
 def test_compare_adds_baseline_rows_names_the_data_and_counts_the_whole_wall_time(

@@ -8,6 +8,8 @@ test metric), the trainable share, the peak tensor memory of one training step (
 per step and wall time (loading and initialisation included). For classification, rows for the baselines follow
 (majority class, logistic regression on the frozen model's features, TF-IDF + logistic regression for text;
 ``--no-baselines``: none), scored once on the same splits (``OUTPUT_DIR/baselines.json``).
+With ``--seeds 0,1,2`` every method runs once per seed (in ``OUTPUT_DIR/<method>-seed<N>``) and the table gives
+the mean ± standard deviation over the seeds.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         f"plugins included (default: {DEFAULT_METHODS}).")
     parser.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE",
                         help="An option of one method, e.g. --set lst.reduction_factor=4.")
+    parser.add_argument("--seeds", metavar="N,N,...", help="Run every method once per seed (comma-separated, "
+                        "e.g. 0,1,2) and report the mean ± standard deviation (default: the one --seed).")
     add_run_arguments(parser)
     parser.add_argument("--output-dir", help="Folder of the comparison: one run folder per method, compare.json, "
                         "compare.txt, compare.png (default: runs/compare-<time>).")
@@ -56,6 +61,19 @@ def method_options(assignments: dict[str, Any], methods: list[str]) -> dict[str,
                               f"{', '.join(methods)}")
         options[method][option] = value
     return options
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``--seeds 0,1,2`` as a list of distinct integers (None when not given)."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds takes distinct non-negative integers, e.g. 0,1,2; got {text!r}")
+    return seeds
 
 
 def child_environment(methods: list[str]) -> dict[str, str]:
@@ -111,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     for method in methods:
         spec = spec_from_args(args, method)
         spec = pinned(dataclasses.replace(spec, options={**spec.options, **options[method]}))
+        if spec.train.get("cache_ladders") and method != "lst":  # an LST-only option: the others run without it
+            spec.train = {**spec.train, "cache_ladders": False}
         # unknown method or option: fail before training anything
         leantune.make_config(method, **options_with_tasks(spec, spec.task_names()))
         specs[method] = spec
@@ -124,23 +144,16 @@ def run(args: argparse.Namespace) -> int:
         with phase("baselines (majority class, frozen features, TF-IDF), shared by every method", show):
             baselines = report_baselines(first, out / BASELINES_NAME, progress=show)
         print("\n".join(baselines.lines()), flush=True)
+    seeds = parse_seeds(args.seeds)
     rows = []
     for method, spec in specs.items():
-        config_path = out / f"{method}.json"
-        write_atomic_text(config_path, json.dumps(spec.to_dict(), indent=2) + "\n")
-        run_dir = out / method
-        set_aside_if_stale(run_dir, method, spec)
-        command = [sys.executable, "-m", "leantune", "train", "--config", str(config_path), "--output-dir",
-                   str(run_dir), "--no-baselines"]
-        if (run_dir / "run.json").is_file() and not (run_dir / "results.json").is_file():
-            command.append("--resume")
-        if not (run_dir / "results.json").is_file():
-            print(f"== {method}: {' '.join(command)}", flush=True)
-            finished = subprocess.run(command, env=environment)
-            if finished.returncode != 0:
-                rows.append({"method": method, "error": f"leantune train exited with {finished.returncode}"})
-                continue
-        rows.append({"method": method, **json.loads((run_dir / "results.json").read_text())})
+        if seeds is None:
+            rows.append(train_one(method, spec, out / method, environment))
+            continue
+        results = [train_one(method, dataclasses.replace(spec, train={**spec.train, "seed": seed}),
+                             out / f"{method}-seed{seed}", environment) for seed in seeds]
+        failed = next((r for r in results if "error" in r), None)
+        rows.append(failed or over_seeds(results, seeds))
     import torch
 
     report = {"model": first.model, "task": first.tasks or first.data or first.task, "train": first.train,
@@ -161,8 +174,50 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def set_aside_if_stale(run_dir: Path, method: str, spec: RunSpec) -> None:
-    """Move a run in ``run_dir`` whose saved settings differ from ``spec`` to ``<method>.previous-<n>`` (the
+def train_one(method: str, spec: RunSpec, run_dir: Path, environment: dict[str, str]) -> dict[str, Any]:
+    """One ``leantune train`` process for ``spec`` in ``run_dir`` (reused when finished with the same settings,
+    resumed when stopped); its ``results.json`` as a table row, or the row of an error."""
+    config_path = run_dir.with_name(f"{run_dir.name}.json")
+    write_atomic_text(config_path, json.dumps(spec.to_dict(), indent=2) + "\n")
+    set_aside_if_stale(run_dir, spec)
+    command = [sys.executable, "-m", "leantune", "train", "--config", str(config_path), "--output-dir",
+               str(run_dir), "--no-baselines"]
+    if (run_dir / "run.json").is_file() and not (run_dir / "results.json").is_file():
+        command.append("--resume")
+    if not (run_dir / "results.json").is_file():
+        print(f"== {run_dir.name}: {' '.join(command)}", flush=True)
+        finished = subprocess.run(command, env=environment)
+        if finished.returncode != 0:
+            return {"method": method, "error": f"leantune train exited with {finished.returncode}"}
+    return {"method": method, **json.loads((run_dir / "results.json").read_text())}
+
+
+def over_seeds(results: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """One table row from a method's runs with several seeds: metrics as mean (``*_std``: sample standard
+    deviation), per-seed test metrics in ``seed_test_metrics``, costs as the mean (peak memory: the largest)."""
+    def spread(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    first = results[0]
+    test, test_std = spread([r["test_metric"] for r in results])
+    validation, validation_std = spread([r["validation_metric"] for r in results])
+    per_step = [r["seconds_per_step"] for r in results if r.get("seconds_per_step") is not None]
+    task_metrics = {name: {**entry, **{split: statistics.mean(r["task_metrics"][name][split] for r in results)
+                                       for split in ("validation", "test")}}
+                    for name, entry in (first.get("task_metrics") or {}).items()}
+    return {**{key: value for key, value in first.items() if key not in ("history", "output_dir", "best_step",
+                                                                         "best_epoch")},
+            "seeds": seeds, "test_metric": test, "test_std": test_std, "validation_metric": validation,
+            "validation_std": validation_std, "seed_test_metrics": [r["test_metric"] for r in results],
+            "seconds_per_step": statistics.mean(per_step) if per_step else None,
+            "wall_seconds": statistics.mean(r["wall_seconds"] for r in results),
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in results),
+            "step_memory": next((r["step_memory"] for r in results if r.get("step_memory")), None),
+            "task_metrics": task_metrics, "output_dirs": [r["output_dir"] for r in results]}
+
+
+def set_aside_if_stale(run_dir: Path, spec: RunSpec) -> None:
+    """Move a run in ``run_dir`` whose saved settings differ from ``spec`` to ``<run_dir>.previous-<n>`` (the
     first free n), printing one line with the settings that differ, so the method is rerun from scratch."""
     from leantune.train.run import RUN_NAME, RunSpec, describe_differences, spec_differences
 
@@ -175,11 +230,11 @@ def set_aside_if_stale(run_dir: Path, method: str, spec: RunSpec) -> None:
     if not differences:
         return
     number = 1
-    while (aside := run_dir.with_name(f"{method}.previous-{number}")).exists():
+    while (aside := run_dir.with_name(f"{run_dir.name}.previous-{number}")).exists():
         number += 1
     run_dir.rename(aside)
-    print(f"== {method}: rerunning, the run in {run_dir} has other settings ({differences}); moved it to {aside}",
-          flush=True)
+    print(f"== {run_dir.name}: rerunning, the run in {run_dir} has other settings ({differences}); moved it to "
+          f"{aside}", flush=True)
 
 
 def run_title(spec: RunSpec) -> str:
@@ -216,7 +271,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             continue
         per_task = "".join(f" {r['task_metrics'][name]['test']:>12.4f}" for name in tasks)
         per_step = r.get("seconds_per_step")
-        lines.append(f"{r['method']:<{width}} {r['test_metric']:>22.4f} {r['validation_metric']:>7.4f}{per_task} "
+        test = f"{r['test_metric']:.4f}" + (f" ± {r['test_std']:.4f}" if "test_std" in r else "")
+        lines.append(f"{r['method']:<{width}} {test:>22} {r['validation_metric']:>7.4f}{per_task} "
                      f"{r['trainable_percent']:>10.4f} {step_memory_mib(r):>13,.1f} "
                      f"{r['peak_memory_bytes'] / 2**20:>11,.0f} {'-' if per_step is None else f'{per_step:.3f}':>7} "
                      f"{r['wall_seconds']:>7.0f}")
@@ -242,6 +298,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     for r in methods:
         x, y = step_memory_mib(r), 100 * r["test_metric"]
         axes.scatter([x], [y], s=40 + 400 * r["trainable_percent"] / 100)
+        if "test_std" in r:
+            axes.errorbar([x], [y], yerr=[100 * r["test_std"]], color="black", capsize=3, linewidth=0.8)
         axes.annotate(f"{r['method']} ({r['trainable_percent']:.2f}%)", (x, y), textcoords="offset points",
                       xytext=(6, 4), fontsize=9)
     for r in rows:
