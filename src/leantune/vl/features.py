@@ -281,6 +281,8 @@ class FeatureStore:
             raise FeatureError(f"the feature folders hold features of different widths {sorted(dims)}")
         self.feature_dim = dims.pop() if dims else 0
         self._handles: dict[Path, Any] = {}
+        self.shift: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self.location
@@ -293,7 +295,21 @@ class FeatureStore:
         handle = self._handles.get(path)
         if handle is None:
             handle = self._handles[path] = safe_open(str(path), framework="pt")
-        return handle.get_tensor(image_id)
+        features = handle.get_tensor(image_id)
+        if self.shift is None:
+            return features
+        return (features.float() - self.shift) / self.scale
+
+    def standardize(self, image_ids: Iterable[str], eps: float = 1e-3) -> None:
+        """From now on, give every feature minus the per-dimension mean of ``image_ids``' tokens (the training
+        images), divided by their standard deviation (+ ``eps``). Raw image features share a large common part
+        (DINOv2: a few outlier dimensions) that a freshly initialised projection passes on to every visual token;
+        centred, the images differ from the first step."""
+        self.shift = self.scale = None
+        tokens = torch.cat([self.get(i).float().reshape(-1, self.feature_dim) for i in image_ids])
+        if len(tokens) < 2:
+            raise FeatureError("standardizing the features needs at least two feature tokens")
+        self.shift, self.scale = tokens.mean(dim=0), tokens.std(dim=0) + eps
 
     def __call__(self, name: str, values: list[Any]) -> Any:
         if name != "visual_features":

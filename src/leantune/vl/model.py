@@ -14,6 +14,7 @@ trains and saves.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,8 +29,8 @@ from leantune.errors import ConfigError, UnsupportedMethodError, UnsupportedMode
 from leantune.layers.prefix import insert_tokens
 
 VISUAL_INPUTS = ("visual_features", "visual_boxes", "visual_mask")
-POOLINGS = ("mean", "pooler", "cls")
 """Keyword inputs the model takes beside the text ones."""
+POOLINGS = ("mean", "pooler", "cls", "text+visual")
 BOX_FEATURES = 5  # x1, y1, x2, y2 (normalised to [0, 1]) and the box area
 
 
@@ -96,12 +97,12 @@ def box_vectors(boxes: torch.Tensor | None, shape: Sequence[int], device: torch.
 
 
 class AnswerHead(nn.Module):
-    """The answer classifier of an encoder-only model: Linear(d, 2d), GELU, LayerNorm, Linear(2d, answers)
-    (LXMERT's and CLIP-ViL's VQA head)."""
+    """The answer classifier of an encoder-only model: Linear(inputs, 2d), GELU, LayerNorm, Linear(2d, answers)
+    (LXMERT's and CLIP-ViL's VQA head; ``inputs`` = d, or 2d when it reads two pooled vectors side by side)."""
 
-    def __init__(self, width: int, num_answers: int) -> None:
+    def __init__(self, width: int, num_answers: int, inputs: int | None = None) -> None:
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.LayerNorm(2 * width),
+        self.layers = nn.Sequential(nn.Linear(inputs or width, 2 * width), nn.GELU(), nn.LayerNorm(2 * width),
                                     nn.Linear(2 * width, num_answers))
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -118,7 +119,9 @@ class VisionLanguageModel(nn.Module):
     ``pooling`` (encoder-only backbones): what the answer head reads: ``mean`` = the mean of the last hidden states
     over the text and visual tokens (default: it reaches the visual tokens directly, and sentence encoders such as
     all-MiniLM-L6-v2 are trained for it), ``pooler`` = the backbone's own pooler (BERT's tanh layer over [CLS]),
-    ``cls`` = the first token's last hidden state.
+    ``cls`` = the first token's last hidden state, ``text+visual`` = the mean over the text tokens and the mean over
+    the visual tokens side by side (the answer head reads 2 x width: the image is not outweighed by a long question;
+    zeros for the visual half of a text-only input).
     """
 
     main_input_name = "input_ids"
@@ -148,10 +151,11 @@ class VisionLanguageModel(nn.Module):
             if not num_answers or num_answers < 1:
                 raise ConfigError(f"an encoder-only backbone ({type(text_model).__name__}) answers by classification: "
                                   "pass num_answers=<size of the answer vocabulary>")
-            self.classifier = AnswerHead(width, num_answers)
+            self.classifier = AnswerHead(width, num_answers, 2 * width if pooling == "text+visual" else width)
             trained.append("classifier")
         self.leantune_trainable_modules = trained
         self.num_answers = None if self.generative else num_answers
+        self.takes_positions = "position_ids" in inspect.signature(text_model.forward).parameters
         ref = next(text_model.parameters())
         self.to(device=ref.device)
 
@@ -204,22 +208,25 @@ class VisionLanguageModel(nn.Module):
         inputs = self.joint_inputs({k: v for k, v in inputs.items() if v is not None}, visual_features,
                                    visual_boxes, visual_mask)
         if not self.generative:
-            return self._classify(inputs, labels, loss_weights, **kwargs)
+            return self._classify(inputs, labels, loss_weights, visual_token_count(visual_features), **kwargs)
         outputs = self.text_model(**inputs, labels=labels, **kwargs)
         if labels is not None and loss_weights is not None:
             outputs.loss = weighted_sequence_loss(outputs.logits, labels, loss_weights)
         return outputs
 
     def _classify(self, inputs: dict[str, Any], labels: torch.Tensor | None, loss_weights: torch.Tensor | None,
-                  **kwargs: Any) -> SequenceClassifierOutput:
+                  visual_count: int, **kwargs: Any) -> SequenceClassifierOutput:
+        if visual_count and self.takes_positions and "position_ids" not in kwargs:
+            kwargs["position_ids"] = packed_positions(inputs["attention_mask"])
         outputs = self.text_model(**inputs, **kwargs)
-        logits = self.classifier(self._pooled(outputs, inputs.get("attention_mask")))
+        logits = self.classifier(self._pooled(outputs, inputs.get("attention_mask"), visual_count))
         loss = None if labels is None else answer_loss(logits, labels, loss_weights)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                         attentions=outputs.attentions)
 
-    def _pooled(self, outputs: Any, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """One vector per example for the answer head (see ``pooling``)."""
+    def _pooled(self, outputs: Any, attention_mask: torch.Tensor | None, visual_count: int) -> torch.Tensor:
+        """One vector per example for the answer head (see ``pooling``); the last ``visual_count`` positions are
+        the visual tokens."""
         hidden = outputs.last_hidden_state
         pooled = getattr(outputs, "pooler_output", None)
         if self.pooling == "cls" or (self.pooling == "pooler" and pooled is None):
@@ -227,9 +234,13 @@ class VisionLanguageModel(nn.Module):
         if self.pooling == "pooler":
             return pooled
         if attention_mask is None:
-            return hidden.mean(dim=1)
-        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+            attention_mask = hidden.new_ones(hidden.shape[:2])
+        if self.pooling == "mean":
+            return masked_mean(hidden, attention_mask)
+        if visual_count == 0:  # text only (LST's Fisher pass through the frozen backbone): no visual half
+            return torch.cat([masked_mean(hidden, attention_mask), torch.zeros_like(hidden[:, 0])], dim=-1)
+        text = masked_mean(hidden[:, :-visual_count], attention_mask[:, :-visual_count])
+        return torch.cat([text, masked_mean(hidden[:, -visual_count:], attention_mask[:, -visual_count:])], dim=-1)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  inputs_embeds: torch.Tensor | None = None, visual_features: torch.Tensor | None = None,
@@ -243,6 +254,25 @@ class VisionLanguageModel(nn.Module):
         inputs = self.joint_inputs({k: v for k, v in inputs.items() if v is not None}, visual_features,
                                    visual_boxes, visual_mask)
         return self.text_model.generate(**inputs, **kwargs)
+
+
+def visual_token_count(features: torch.Tensor | None) -> int:
+    """How many visual tokens ``features`` ((batch, tokens, dim) or (batch, images, tokens, dim)) become."""
+    if features is None:
+        return 0
+    return features.shape[1] * features.shape[2] if features.dim() == 4 else features.shape[1]
+
+
+def packed_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only the unmasked tokens: the visual tokens after a padded text take the positions
+    right after its last real token, the same in every batch whatever the padding."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``hidden`` (batch, n, d) over the positions where ``mask`` (batch, n) is set."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 def text_model_of(model: nn.Module) -> nn.Module:
