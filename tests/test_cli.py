@@ -386,7 +386,8 @@ def test_no_arguments_mean_the_embedded_default() -> None:
     assert spec.train_config().learning_rate == 3e-3
     args = build_parser().parse_args(["train", "--method", "lora", "--max-length", "32"])
     spec = spec_from_args(args, args.method)
-    assert spec.options == {} and spec.train["max_length"] == 32 and spec.train_config().learning_rate == 1e-3
+    assert spec.options == {} and spec.train["max_length"] == 32
+    assert spec.train_config().learning_rate == leantune.get_method("lora").default_learning_rate == 3e-3
 
 
 def test_encoding_flag_reads_a_latin1_file(tmp_path: Path, model_dir: Path, capsys) -> None:

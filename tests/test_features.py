@@ -66,7 +66,9 @@ def assert_same_shards(a: Path, b: Path) -> None:
         assert metadata == other_metadata, name
         assert list(tensors) == list(other_tensors), name
         for key, value in tensors.items():
-            assert torch.equal(value, other_tensors[key]), f"{name}:{key}"
+            # the shards come from two processes, which may run torch with other thread counts: float sums can
+            # then differ in the last bits
+            torch.testing.assert_close(value, other_tensors[key], rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
 
 
 def test_features_equal_the_model_run_by_hand_and_the_corrupt_image_is_skipped(vit_dir, image_dir, tmp_path):

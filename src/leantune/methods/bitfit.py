@@ -35,7 +35,9 @@ class BitFit(TuningMethod):
     config_class = BitFitConfig
     mergeable = True
     identity_at_init = True
-    default_learning_rate = 1e-3
+    # Measured (docs/defaults.md): the best validation accuracy of a learning-rate sweep on the embedded default
+    # (0.670 at 1e-2; 0.614 at 1e-3, 0.650 at 3e-3, 0.624 at 3e-2), confirmed on BBC News.
+    default_learning_rate = 1e-2
 
     def attach(self, model: nn.Module, backbone: Backbone, context: AttachContext) -> None:
         if self.config.add_missing_biases:

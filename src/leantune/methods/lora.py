@@ -65,7 +65,9 @@ class LoRA(TuningMethod):
     config_class = LoRAConfig
     mergeable = True
     identity_at_init = True
-    default_learning_rate = 1e-3
+    # Measured (docs/defaults.md): the best validation accuracy of a learning-rate sweep on the embedded default
+    # (0.748 at 3e-3; 0.640 at 1e-3, 0.720 at 1e-2), confirmed on BBC News.
+    default_learning_rate = 3e-3
 
     def declared_inputs(self) -> tuple[CallInput, ...]:
         return self.config.task_input()
