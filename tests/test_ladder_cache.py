@@ -128,7 +128,7 @@ def test_refusals_are_one_line_and_name_the_fix() -> None:
         (leantune.wrap(make_tiny_bert(), leantune.make_config("lst", init="random")),
          "dropout is active while training (LSTConfig.backbone_train_mode=True, embeddings.dropout p=0.1); "
          "pass --set backbone_train_mode=false"),
-        (leantune.wrap(make_tiny_bert(), leantune.make_config("lora", r=2)), "this model is tuned with 'lora'"),
+        (leantune.wrap(make_tiny_bert(), leantune.make_config("lora", r=2)), "this run tunes with 'lora'"),
         (leantune.wrap(make_tiny_t5(), leantune.make_config("lst", init="random", backbone_train_mode=False)),
          "supports LST on encoder classifiers; 't5' is encoder-decoder"),
     ]

@@ -191,17 +191,15 @@ class LadderCache:
 def refusal(model: TunedModel, world_size: int) -> str | None:
     """Why ``cache_ladders`` cannot serve this run, as one line, or ``None``."""
     method = model.method
-    if not isinstance(method, LadderSideTuning):
-        return (f"TrainConfig.cache_ladders stores the ladders of LST's frozen backbone; this model is tuned with "
-                f"{method.name!r}, whose backbone forward cannot be skipped")
+    early = refusal_before_wrap(method.name, method.config, model.base_model)
+    if early is not None:
+        return early
     if method.backbone.arch.kind != "encoder":
         return (f"TrainConfig.cache_ladders supports LST on encoder classifiers; {method.backbone.family!r} is "
                 f"{method.backbone.arch.kind}")
-    if isinstance(model.base_model, VisionLanguageModel):
-        return "TrainConfig.cache_ladders supports LST on encoder classifiers, not on vision-language models"
     if world_size > 1:
         return f"TrainConfig.cache_ladders runs in one process; this run has {world_size}"
-    return dropout_refusal(model.base_model, method.config)
+    return None
 
 
 def dropout_refusal(model: nn.Module, config: Any) -> str | None:
