@@ -332,3 +332,36 @@ def test_a_standardized_feature_store_centres_and_scales_by_the_training_images(
     torch.testing.assert_close(standardized.std(dim=0), train.std(dim=0) / (train.std(dim=0) + 1e-3))
     expected = (raw[0] - train.mean(dim=0)) / (train.std(dim=0) + 1e-3)
     torch.testing.assert_close(store("visual_features", [("img5", "img4")])[0, 0], expected)
+
+
+@pytest.mark.parametrize("method", ["lora", "fish"])
+def test_new_module_learning_rate_moves_the_projection_and_answer_head_into_their_own_groups(method: str) -> None:
+    """``TrainConfig.new_module_learning_rate``: the projection and the answer head (and only they) train at that
+    rate; every trainable parameter is in exactly one group, each group keeps its weight decay and FISH's key."""
+    from leantune.train.config import TrainConfig
+    from leantune.train.optimizer import make_optimizer
+
+    model = vl_model("bert")
+    options = {"keep_ratio": 0.2, "num_samples": 4} if method == "fish" else {}
+    data = [vl_inputs("bert", seed=s) for s in range(2)] if method == "fish" else None
+    tuned = leantune.wrap(model, leantune.make_config(method, **options), data=data)
+    new = {id(p) for name in ("visual_projection", "classifier") for p in getattr(model, name).parameters()}
+    assert {id(p) for p in tuned.new_module_parameters()} == new
+    plain = make_optimizer(tuned, TrainConfig(learning_rate=1e-4, weight_decay=0.1))
+    split = make_optimizer(tuned, TrainConfig(learning_rate=1e-4, weight_decay=0.1, new_module_learning_rate=5e-3))
+    assert all(g["lr"] == 1e-4 for g in plain.param_groups)
+    placed = [id(p) for g in split.param_groups for p in g["params"]]
+    assert sorted(placed) == sorted(id(p) for p in tuned.parameters() if p.requires_grad)
+    for group in split.param_groups:
+        assert {id(p) in new for p in group["params"]} == {group["lr"] == 5e-3}
+    def kinds(groups: list[dict]) -> set:
+        return {(g["weight_decay"], tuple(sorted(k for k in g if k.startswith("fish")))) for g in groups}
+
+    assert kinds(split.param_groups) == kinds(plain.param_groups)
+
+
+def test_new_module_learning_rate_must_be_positive() -> None:
+    from leantune.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="new_module_learning_rate must be > 0"):
+        TrainConfig(new_module_learning_rate=0.0)

@@ -134,6 +134,22 @@ class TunedModel(nn.Module):
                 trainable += p.numel()
         return trainable, total
 
+    def new_module_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of modules that start from scratch around the backbone: its task heads (when
+        the method trains them) and the modules the model declares in ``leantune_trainable_modules`` (a
+        vision-language model's projection and answer head). ``TrainConfig.new_module_learning_rate`` applies to
+        these."""
+        modules = [m for _, m in self.backbone.task_heads()] if self.method_config.train_head else []
+        modules += [self.base_model.get_submodule(n) for n in always_trained_modules(self.base_model)]
+        seen: set[int] = set()
+        found = []
+        for module in modules:
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    found.append(p)
+        return found
+
     def print_trainable_parameters(self) -> None:
         """Print peft's line: ``trainable params: N || all params: M || trainable%: P``."""
         trainable, total = self.trainable_parameter_count()

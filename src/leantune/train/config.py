@@ -17,6 +17,9 @@ class TrainConfig:
     """How to train. Defaults follow the LST paper's GLUE recipe where it applies (clip 1.0, linear decay)."""
 
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate of AdamW."})
+    new_module_learning_rate: float | None = field(default=None, metadata={
+        "help": "Peak learning rate of the modules that start from scratch: the task head and a vision-language "
+                "model's projection and answer head (None: learning_rate)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (never on biases and norms)."})
     adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas."})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
@@ -65,6 +68,8 @@ class TrainConfig:
         """Raise :class:`ConfigError` naming the field and its bad value."""
         check_positive(self, "learning_rate", "batch_size", "grad_accumulation", "epochs", "max_length",
                        "eval_batch_size", "max_target_length")
+        if self.new_module_learning_rate is not None:
+            check_positive(self, "new_module_learning_rate")
         for name in ("max_steps", "eval_every", "checkpoint_every", "train_examples", "validation_examples",
                      "test_examples", "warmup_steps"):
             value = getattr(self, name)

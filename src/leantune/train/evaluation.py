@@ -17,6 +17,7 @@ from leantune.tasks.core import Example
 from leantune.train import distributed
 from leantune.train.config import TrainConfig
 from leantune.train.data import Encoder, to_device
+from leantune.train.optimizer import make_optimizer
 
 BAR_DELAY = 2.0
 """Seconds an evaluation runs before its progress bar appears (short ones stay quiet)."""
@@ -104,7 +105,7 @@ def measure_step_memory(model: TunedModel, encoder: Encoder, batch: dict[str, An
     from leantune.memory import measure_peak_training_memory
 
     saved = {n: t.detach().clone() for n, t in model.delta_state_dict().items()}
-    optimizer = torch.optim.AdamW(model.method.parameter_groups(model, config.weight_decay), lr=config.learning_rate)
+    optimizer = make_optimizer(model, config)
     was_training = model.training
     model.train()
     try:

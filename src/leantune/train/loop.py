@@ -54,6 +54,7 @@ from leantune.train import distributed
 from leantune.train.config import TrainConfig
 from leantune.train.data import TASK_INPUT, Encoder, InputProcessor, is_text_to_text, task_encoders, to_device
 from leantune.train.evaluation import autocast, average, evaluate, evaluate_tasks, measure_step_memory, peak_memory
+from leantune.train.optimizer import make_optimizer
 from leantune.train.sampling import epoch_order, epoch_schedule
 
 if TYPE_CHECKING:
@@ -313,8 +314,7 @@ def set_up(
     if context.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(context.device)
     trained, comm_state = _place(model, config, context)
-    optimizer = torch.optim.AdamW(model.method.parameter_groups(model, config.weight_decay), lr=config.learning_rate,
-                                  betas=config.adam_betas, eps=config.adam_eps)
+    optimizer = make_optimizer(model, config)
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * sizes.total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, sizes.total_steps))
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
