@@ -280,7 +280,7 @@ def test_backbones_it_cannot_take_are_refused() -> None:
         vl_model("t5")(**dict(vl_inputs("t5"), visual_features=torch.randn(2, FEATURES)))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "text+visual"])
+@pytest.mark.parametrize("pooling", ["mean", "text+visual", "text+images"])
 def test_padding_the_text_does_not_move_the_visual_tokens(pooling: str) -> None:
     """BERT's visual tokens take the positions right after the real text, so a padded example answers as it does
     alone without padding."""
@@ -309,6 +309,29 @@ def test_text_and_visual_pooling_reads_both_means_side_by_side() -> None:
         text = hidden[row, :length][mask[row].bool()].mean(dim=0)
         torch.testing.assert_close(seen["pooled"][row], torch.cat([text, hidden[row, length:].mean(dim=0)]))
     assert model.classifier.layers[0].in_features == 2 * model.config.hidden_size
+
+
+@pytest.mark.parametrize("images", [None, 2])
+def test_text_and_images_pooling_gives_each_image_its_own_slot(images: int | None) -> None:
+    """``text+images``: the text mean, then each image's mean over its tokens in the image's slot, zeros in the
+    slots of absent images (a one-image input fills the first)."""
+    model = vl_model("bert", pooling="text+images", num_images=3).eval()
+    inputs = vl_inputs("bert", images=images)
+    seen = {}
+    hooks = [model.text_model.register_forward_hook(lambda _m, _a, out: seen.update(hidden=out.last_hidden_state)),
+             model.classifier.register_forward_hook(lambda _m, args, _o: seen.update(pooled=args[0]))]
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    hidden, mask = seen["hidden"], inputs["attention_mask"]
+    length, width, count = mask.shape[1], model.config.hidden_size, images or 1
+    assert model.classifier.layers[0].in_features == 4 * width
+    for row in range(2):
+        text = hidden[row, :length][mask[row].bool()].mean(dim=0)
+        per_image = hidden[row, length:].reshape(count, TOKENS, width).mean(dim=1)
+        absent = torch.zeros(3 - count, width)
+        torch.testing.assert_close(seen["pooled"][row], torch.cat([text, per_image.flatten(), absent.flatten()]))
 
 
 def test_a_standardized_feature_store_centres_and_scales_by_the_training_images(tmp_path) -> None:

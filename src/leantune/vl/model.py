@@ -30,7 +30,7 @@ from leantune.layers.prefix import insert_tokens
 
 VISUAL_INPUTS = ("visual_features", "visual_boxes", "visual_mask")
 """Keyword inputs the model takes beside the text ones."""
-POOLINGS = ("mean", "pooler", "cls", "text+visual")
+POOLINGS = ("mean", "pooler", "cls", "text+visual", "text+images")
 BOX_FEATURES = 5  # x1, y1, x2, y2 (normalised to [0, 1]) and the box area
 
 
@@ -151,7 +151,8 @@ class VisionLanguageModel(nn.Module):
             if not num_answers or num_answers < 1:
                 raise ConfigError(f"an encoder-only backbone ({type(text_model).__name__}) answers by classification: "
                                   "pass num_answers=<size of the answer vocabulary>")
-            self.classifier = AnswerHead(width, num_answers, 2 * width if pooling == "text+visual" else width)
+            pooled_vectors = {"text+visual": 2, "text+images": 1 + num_images}.get(pooling, 1)
+            self.classifier = AnswerHead(width, num_answers, pooled_vectors * width)
             trained.append("classifier")
         self.leantune_trainable_modules = trained
         self.num_answers = None if self.generative else num_answers
@@ -208,25 +209,25 @@ class VisionLanguageModel(nn.Module):
         inputs = self.joint_inputs({k: v for k, v in inputs.items() if v is not None}, visual_features,
                                    visual_boxes, visual_mask)
         if not self.generative:
-            return self._classify(inputs, labels, loss_weights, visual_token_count(visual_features), **kwargs)
+            return self._classify(inputs, labels, loss_weights, visual_layout(visual_features), **kwargs)
         outputs = self.text_model(**inputs, labels=labels, **kwargs)
         if labels is not None and loss_weights is not None:
             outputs.loss = weighted_sequence_loss(outputs.logits, labels, loss_weights)
         return outputs
 
     def _classify(self, inputs: dict[str, Any], labels: torch.Tensor | None, loss_weights: torch.Tensor | None,
-                  visual_count: int, **kwargs: Any) -> SequenceClassifierOutput:
-        if visual_count and self.takes_positions and "position_ids" not in kwargs:
+                  layout: tuple[int, int], **kwargs: Any) -> SequenceClassifierOutput:
+        if layout[0] and self.takes_positions and "position_ids" not in kwargs:
             kwargs["position_ids"] = packed_positions(inputs["attention_mask"])
         outputs = self.text_model(**inputs, **kwargs)
-        logits = self.classifier(self._pooled(outputs, inputs.get("attention_mask"), visual_count))
+        logits = self.classifier(self._pooled(outputs, inputs.get("attention_mask"), layout))
         loss = None if labels is None else answer_loss(logits, labels, loss_weights)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                         attentions=outputs.attentions)
 
-    def _pooled(self, outputs: Any, attention_mask: torch.Tensor | None, visual_count: int) -> torch.Tensor:
-        """One vector per example for the answer head (see ``pooling``); the last ``visual_count`` positions are
-        the visual tokens."""
+    def _pooled(self, outputs: Any, attention_mask: torch.Tensor | None, layout: tuple[int, int]) -> torch.Tensor:
+        """One vector per example for the answer head (see ``pooling``); the last positions are the visual tokens,
+        ``layout`` = (images, tokens per image)."""
         hidden = outputs.last_hidden_state
         pooled = getattr(outputs, "pooler_output", None)
         if self.pooling == "cls" or (self.pooling == "pooler" and pooled is None):
@@ -237,10 +238,22 @@ class VisionLanguageModel(nn.Module):
             attention_mask = hidden.new_ones(hidden.shape[:2])
         if self.pooling == "mean":
             return masked_mean(hidden, attention_mask)
-        if visual_count == 0:  # text only (LST's Fisher pass through the frozen backbone): no visual half
-            return torch.cat([masked_mean(hidden, attention_mask), torch.zeros_like(hidden[:, 0])], dim=-1)
-        text = masked_mean(hidden[:, :-visual_count], attention_mask[:, :-visual_count])
-        return torch.cat([text, masked_mean(hidden[:, -visual_count:], attention_mask[:, -visual_count:])], dim=-1)
+        images, per_image = layout
+        count = images * per_image
+        slots = self.visual_projection.image_order.num_embeddings if self.pooling == "text+images" else 1
+        pooled = hidden.new_zeros(hidden.shape[0], slots, hidden.shape[2])  # zeros where no image (text only)
+        if count == 0:  # text only (LST's Fisher pass through the frozen backbone)
+            return torch.cat([masked_mean(hidden, attention_mask), pooled.flatten(1)], dim=-1)
+        text = masked_mean(hidden[:, :-count], attention_mask[:, :-count])
+        visual, visual_mask = hidden[:, -count:], attention_mask[:, -count:]
+        if self.pooling == "text+visual":
+            pooled[:, 0] = masked_mean(visual, visual_mask)
+        else:
+            batch, width = hidden.shape[0], hidden.shape[2]
+            per_image_mean = masked_mean(visual.reshape(batch * images, per_image, width),
+                                         visual_mask.reshape(batch * images, per_image))
+            pooled[:, :images] = per_image_mean.reshape(batch, images, width)
+        return torch.cat([text, pooled.flatten(1)], dim=-1)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  inputs_embeds: torch.Tensor | None = None, visual_features: torch.Tensor | None = None,
@@ -256,11 +269,12 @@ class VisionLanguageModel(nn.Module):
         return self.text_model.generate(**inputs, **kwargs)
 
 
-def visual_token_count(features: torch.Tensor | None) -> int:
-    """How many visual tokens ``features`` ((batch, tokens, dim) or (batch, images, tokens, dim)) become."""
+def visual_layout(features: torch.Tensor | None) -> tuple[int, int]:
+    """``(images, tokens per image)`` of ``features`` ((batch, tokens, dim): one image; (batch, images, tokens,
+    dim)); ``(0, 0)`` without features."""
     if features is None:
-        return 0
-    return features.shape[1] * features.shape[2] if features.dim() == 4 else features.shape[1]
+        return 0, 0
+    return (features.shape[1], features.shape[2]) if features.dim() == 4 else (1, features.shape[1])
 
 
 def packed_positions(attention_mask: torch.Tensor) -> torch.Tensor:
