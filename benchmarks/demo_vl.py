@@ -14,9 +14,11 @@ training images' per-dimension statistics (``--no-standardize``: raw).
 
 The language backbone is all-MiniLM-L6-v2 (frozen, encoder-only), loaded as ``leantune train`` loads it
 (:func:`leantune.train.run.load_model`) inside a :class:`leantune.vl.VisionLanguageModel` with four image slots
-(a grid's cells) and ``--pooling text+visual``: the visual tokens follow the text, and an answer head reads the
-text and visual means side by side and classifies over each task's answer vocabulary (one slice per task). The
-three tasks train together (one task per batch, round-robin) with ``leantune.train``; every method also trains
+(a grid's cells) and ``--pooling text+images``: the visual tokens follow the text, and an answer head reads the
+text mean and each image's output in its own slot (so it can tell the left image from the right one, a grid's
+top-left cell from the others) and classifies over each task's answer vocabulary (one slice per task). The
+three tasks train together (one task per batch, round-robin) with ``leantune.train``, ``--workers`` methods at a
+time (spawned processes, one torch thread each by default); every method also trains
 the visual projection and the answer head, at ``--new-module-lr``
 (``TrainConfig.new_module_learning_rate``: they start from scratch). Checkpoints are
 selected on the average validation accuracy and scored on test (disjoint MNIST images).
@@ -36,7 +38,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -78,6 +82,8 @@ METHODS: dict[str, tuple[str, dict[str, Any], float]] = {
     "prompt": ("prompt", {}, 3e-2),
     "lst": ("lst", {"fisher_samples": 128}, 3e-3),
 }
+COST_ORDER = ["full", "prompt", "lora", "adapter_half", "adapter_multiple", "hyperformer", "compacter",
+              "adapter_single", "probe", "lst"]  # slowest first: how --workers schedules them
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,7 @@ def _step_peak(result: dict) -> float:
     return float((result.get("step_memory") or {}).get("peak_bytes", 0))
 
 
-def plot(results: dict, blind: dict, path: Path) -> None:
+def plot(results: dict, blind: dict, path: Path, machine: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,7 +227,7 @@ def plot(results: dict, blind: dict, path: Path) -> None:
     for axis in axes:
         axis.set_xticks(range(len(names)), labels, fontsize=6, rotation=60)
     fig.suptitle("VL-Adapter's multi-task setting on visual digits: frozen DINOv2 ViT-S/14 features, "
-                 "all-MiniLM-L6-v2 (2 CPU threads)")
+                 f"all-MiniLM-L6-v2 ({machine})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -245,7 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Examples per optimizer step (one task each); 8 gives four times the steps of 32 "
                              "for about 1.6 times the time.")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)}.")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads.")
+    parser.add_argument("--workers", type=int, default=2, help="Methods trained at once (spawned processes).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per method (default: 2 // --workers, at least 1).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="demo_vl", help="Stem of the files written in --results.")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Folder of the JSON and PNG.")
@@ -255,6 +263,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.digit_images, args.grid_images, args.questions_per_image, args.pair_statements = 40, 40, 2, 80
         args.batch_size = 16
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    args.threads = args.threads or max(1, 2 // args.workers)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -276,11 +287,8 @@ def command_line(args: argparse.Namespace) -> str:
         " --smoke" if args.smoke else "")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    started = time.perf_counter()
+def prepare(args: argparse.Namespace, progress: bool) -> tuple[DigitBenchmark, MultiTask, FeatureStore, dict]:
+    """The benchmark, the chosen tasks and the feature store (extracted once, then read from the cache)."""
     sizes = DigitSizes(args.digit_images, args.grid_images, args.questions_per_image, args.pair_statements)
     setting = Setting(sizes, args.seed)
     bench = build_digit_tasks(assets.mnist, sizes, args.seed, setting.digit_size)
@@ -289,19 +297,56 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"--tasks: unknown {', '.join(unknown)}; choose from vqa, gqa, nlvr")
     tasks = MultiTask([t for t in bench.tasks if t.name in chosen])
-    store, features = feature_store(bench, setting, args.cache or assets.cache_root() / "demo_vl", not args.smoke)
+    store, features = feature_store(bench, setting, args.cache or assets.cache_root() / "demo_vl", progress)
     if args.standardize:
         store.standardize(i for i in bench.digits if i.split("-")[1] == "train")
-    print(f"data: {tasks.describe()}; features in {features['seconds']} s ({features['folder']})", flush=True)
-    blind = {t.name: {k: blind_accuracy(bench, t, k) for k in ("text", "digits")} for t in tasks}
-    results = {}
-    training_started = time.perf_counter()
-    for name in args.methods.split(","):
-        results[name] = run_method(name, tasks, store, args)
-        r = results[name]
+    return bench, tasks, store, features
+
+
+def run_in_worker(name: str, args: argparse.Namespace) -> dict:
+    """:func:`run_method` in a worker process (``--workers``): its own torch threads, the cached features."""
+    torch.set_num_threads(args.threads)
+    _, tasks, store, _ = prepare(args, progress=False)
+    return run_method(name, tasks, store, args)
+
+
+def run_methods(args: argparse.Namespace, tasks: MultiTask, store: FeatureStore) -> dict[str, dict]:
+    """Every method's result, in ``--methods`` order: one after the other, or ``--workers`` at once (spawned
+    processes; the costliest methods start first)."""
+    names = args.methods.split(",")
+    done: dict[str, dict] = {}
+
+    def report(name: str) -> None:
+        r = done[name]
         accuracies = ", ".join(f"{t} {a:.3f}" for t, a in r["task_accuracy"].items())
         print(f"{name}: {accuracies}, average {r['test_metric']:.3f}; {r['train_seconds']:.0f} s training, "
               f"{r['trainable_percent']:.2f}% trained", flush=True)
+
+    if args.workers == 1:
+        for name in names:
+            done[name] = run_method(name, tasks, store, args)
+            report(name)
+    else:
+        order = sorted(names, key=lambda n: COST_ORDER.index(n) if n in COST_ORDER else len(COST_ORDER))
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+            futures = {pool.submit(run_in_worker, name, args): name for name in order}
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                report(futures[future])
+    return {name: done[name] for name in names}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    bench, tasks, store, features = prepare(args, progress=not args.smoke)
+    print(f"data: {tasks.describe()}; features in {features['seconds']} s ({features['folder']})", flush=True)
+    blind = {t.name: {k: blind_accuracy(bench, t, k) for k in ("text", "digits")} for t in tasks}
+    training_started = time.perf_counter()
+    results = run_methods(args, tasks, store)
     record = {"command": command_line(args),
               "backbone": BACKBONE, "vision_model": VISION_MODEL,
               "task_sizes": {t.name: {s: len(e) for s, e in t.splits.items()} for t in bench.tasks},
@@ -309,10 +354,11 @@ def main(argv: list[str] | None = None) -> dict:
               "blind_baselines": blind, "training_seconds_total": round(time.perf_counter() - training_started, 1),
               "wall_seconds_total": round(time.perf_counter() - started, 1),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "cpu_count": os.cpu_count(), "threads": args.threads, "results": results}
+              "cpu_count": os.cpu_count(), "workers": args.workers, "threads": args.threads, "results": results}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(results, blind, args.results / f"{args.name}.png")
+    machine = f"{args.workers} method(s) at a time x {args.threads} torch thread(s), {os.cpu_count()} CPUs"
+    plot(results, blind, args.results / f"{args.name}.png", machine)
     print(markdown_table(results, blind))
     print(f"wrote {args.results / args.name}.json and .png")
     return record

@@ -155,12 +155,18 @@ def test_the_smoke_run_writes_one_sane_row_per_method(tmp_path: Path, monkeypatc
     spec = importlib.util.spec_from_file_location("demo_vl", SCRIPT)
     demo = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, demo)  # dataclasses look their module up there
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # spawned workers import it by name
     spec.loader.exec_module(demo)
     methods = ["adapter_multiple", "lst"]
-    demo.main(["--smoke", "--methods", ",".join(methods), "--results", str(tmp_path), "--cache",
-               str(tmp_path / "cache")])
+    common = ["--smoke", "--methods", ",".join(methods), "--results", str(tmp_path),
+              "--cache", str(tmp_path / "cache"), "--threads", "1"]
+    demo.main([*common, "--workers", "2"])  # lst, the cheaper, is scheduled last but listed in --methods order
     record = json.loads((tmp_path / "demo_vl.json").read_text())
     assert list(record["results"]) == methods
+    demo.main([*common, "--workers", "1", "--name", "one_worker"])
+    alone = json.loads((tmp_path / "one_worker.json").read_text())["results"]
+    for name in methods:  # a worker process trains exactly as the main process does
+        assert record["results"][name]["task_accuracy"] == alone[name]["task_accuracy"], name
     assert (tmp_path / "demo_vl.png").stat().st_size > 10_000
     for name, row in record["results"].items():
         assert set(row["task_accuracy"]) == {"vqa", "gqa", "nlvr"}
