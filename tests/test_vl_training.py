@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tiny import save_tiny_vit
 
 from leantune.cli import main
-from leantune.errors import ConfigError
+from leantune.errors import ConfigError, UnknownOptionError
 from leantune.tasks.vl import VLEncoder
 from leantune.train.data import MODEL_INPUT_PROCESSOR, task_encoders
 from leantune.train.run import VL_BART_TOKENS, RunSpec, build, vision_language_model
@@ -188,3 +188,39 @@ def test_data_initialised_methods_read_soft_vqa_labels_in_a_joint_answer_head(
                  "--max-steps", "2", *[a for option in options for a in ("--set", option)]]) == 0
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] == 2 and list(results["task_metrics"]) == ["vqa", "nlvr"]
+
+
+def test_the_vision_settings_build_the_model_and_standardize_by_the_training_images(
+        tmp_path: Path, t5_dir: Path, features_dir: Path) -> None:
+    from leantune.vl.features import FeatureStore
+
+    values = yaml.safe_load(write_config(tmp_path, t5_dir, features_dir).read_text())
+    values["vision"] = {"num_images": 3, "use_boxes": False, "standardize": True}
+    spec = RunSpec.from_dict(values)
+    base, _, tasks, _ = build(spec, for_loading=True)
+    assert base.visual_projection.image_order.num_embeddings == 3 and base.visual_projection.boxes is None
+    used = {i for task in tasks for e in task.splits["train"] for i in task.record(e).image_ids}
+    expected = FeatureStore(features_dir)
+    expected.standardize(sorted(used))
+    store = getattr(base, MODEL_INPUT_PROCESSOR)
+    for image_id in ("img0", "img5"):
+        torch.testing.assert_close(store.get(image_id), expected.get(image_id))
+    raw = FeatureStore(features_dir).get("img0")
+    assert not torch.allclose(store.get("img0").float(), raw.float())
+
+
+@pytest.mark.parametrize("vision,message", [
+    ({"pooling": "max"}, "pooling must be one of"),
+    ({"images": 2}, "unknown option.*'images'.*the run's 'vision' settings"),
+    ({"num_images": 0}, "num_images must be > 0"),
+])
+def test_bad_vision_settings_are_named(tmp_path: Path, t5_dir: Path, features_dir: Path, vision: dict,
+                                       message: str) -> None:
+    values = yaml.safe_load(write_config(tmp_path, t5_dir, features_dir).read_text())
+    with pytest.raises((ConfigError, UnknownOptionError), match=message):
+        RunSpec.from_dict({**values, "vision": vision})
+
+
+def test_vision_settings_without_features_are_refused() -> None:
+    with pytest.raises(ConfigError, match="'vision'.*this run has none"):
+        RunSpec.from_dict({"task": "tweets", "vision": {"pooling": "mean"}})

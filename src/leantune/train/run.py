@@ -24,7 +24,7 @@ import torch
 
 import leantune
 from leantune.api import TunedModel
-from leantune.config import build_strict, check_types
+from leantune.config import build_strict, check_choice, check_positive, check_types
 from leantune.errors import CheckpointError, ConfigError
 from leantune.files import write_atomic_text
 from leantune.registry import get_method
@@ -42,6 +42,7 @@ from leantune.tasks.multitask import MultiTask, check_method_tasks
 from leantune.tasks.vl import CAPTION_FILE, SPLIT_FILES, VLTask, load_vl_task
 from leantune.train.config import TrainConfig
 from leantune.train.data import MODEL_INPUT_PROCESSOR, Encoder, is_text_to_text, task_encoders
+from leantune.vl.model import POOLINGS
 
 RUN_NAME = "run.json"
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -164,6 +165,7 @@ class RunSpec:
     data_sha256: dict[str, str] | None = None
     split_sizes: dict[str, dict[str, int]] | None = None
     skipped_images: dict[str, list[str]] | None = None
+    vision: dict[str, Any] | None = None
 
     def train_config(self) -> TrainConfig:
         """The training settings; the learning rate defaults to the method's ``default_learning_rate``."""
@@ -186,7 +188,20 @@ class RunSpec:
                 raise ConfigError(f"the run settings have 'tasks' and {' and '.join(map(repr, conflicting))}; list "
                                   "every task under 'tasks'")
             spec.task_entries()
+        if spec.vision is not None:
+            spec.vision_settings()
+            if not any(e.features for e in spec.task_entries()):
+                raise ConfigError("the run settings have 'vision', which applies to vision-and-language tasks (a "
+                                  "'tasks' entry with 'features'); this run has none")
         return spec
+
+    def vision_settings(self) -> VisionSettings:
+        """The vision-language model's settings (``vision``; defaults where it is not given)."""
+        settings = build_strict(VisionSettings, self.vision or {}, "the run's 'vision' settings")
+        check_types(settings)
+        check_choice(settings, "pooling", POOLINGS)
+        check_positive(settings, "num_images")
+        return settings
 
     def task_entries(self) -> list[TaskEntry]:
         """The run's tasks, checked: the ``tasks`` list, or the one task of ``data`` or ``task``."""
@@ -571,11 +586,28 @@ def annotation_file(task: VLTask, split: str) -> str:
     return " or ".join(str(folder / name) for name in names)
 
 
+@dataclass
+class VisionSettings:
+    """The vision-language model of a run with features: the run settings' ``vision`` mapping."""
+
+    num_images: int = field(default=2, metadata={"help": "Images per example the image-order embedding tells "
+                                                         "apart (NLVR2: 2)."})
+    use_boxes: bool = field(default=True, metadata={"help": "Add the box/position term to the visual tokens."})
+    object_order: bool = field(default=False, metadata={"help": "Add VL-T5's object-order rows of the word "
+                                                                "embeddings (VL-BART's added tokens)."})
+    pooling: str = field(default="mean", metadata={"help": "What an encoder-only model's answer head reads: "
+                                                           f"{', '.join(POOLINGS)} (VisionLanguageModel)."})
+    standardize: bool = field(default=False, metadata={"help": "Centre and scale the features by the statistics "
+                                                               "of the images the training examples use."})
+
+
 def vision_language_model(text_model: torch.nn.Module, tokenizer: Any, store: Any, seed: int,
-                          num_answers: int) -> torch.nn.Module:
+                          num_answers: int, tasks: MultiTask | None = None,
+                          settings: VisionSettings | None = None) -> torch.nn.Module:
     """``text_model`` as a :class:`leantune.vl.VisionLanguageModel` reading ``store``'s features (an encoder-only
     model gets an answer head of ``num_answers``: the tasks' answer vocabularies, one slice per task); BART gets
-    VL-BART's 200 added tokens first (those its tokenizer lacks) and its embeddings resized.
+    VL-BART's 200 added tokens first (those its tokenizer lacks) and its embeddings resized. ``settings``: the
+    model's options; with ``standardize`` the store is standardized by the images of ``tasks``' training examples.
     The store is attached as the model's input processor, so training and ``leantune eval`` batch with it."""
     from leantune.vl import VisionLanguageModel
 
@@ -584,10 +616,27 @@ def vision_language_model(text_model: torch.nn.Module, tokenizer: Any, store: An
         vocabulary = tokenizer.get_vocab()
         tokenizer.add_tokens([t for t in VL_BART_TOKENS if t not in vocabulary], special_tokens=True)
         text_model.resize_token_embeddings(len(tokenizer))
-    model = VisionLanguageModel(text_model, store.feature_dim,
-                                num_answers=None if is_text_to_text(text_model) else num_answers)
+    settings = settings or VisionSettings()
+    if settings.standardize:
+        store.standardize(training_image_ids(tasks))
+    model = VisionLanguageModel(text_model, store.feature_dim, num_images=settings.num_images,
+                                use_boxes=settings.use_boxes, object_order=settings.object_order,
+                                num_answers=None if is_text_to_text(text_model) else num_answers,
+                                pooling=settings.pooling)
     setattr(model, MODEL_INPUT_PROCESSOR, store)
     return model
+
+
+def training_image_ids(tasks: MultiTask | None) -> list[str]:
+    """The image ids the vision-and-language tasks' training examples use, each once."""
+    ids: dict[str, None] = {}
+    for task in tasks or []:
+        if isinstance(task, VLTask):
+            for example in task.splits["train"]:
+                ids.update(dict.fromkeys(task.record(example).image_ids))
+    if not ids:
+        raise ConfigError("vision.standardize needs training examples of a vision-and-language task")
+    return list(ids)
 
 
 class TaskBatches:
@@ -655,7 +704,8 @@ def build(spec: RunSpec, for_loading: bool = False, initialise: bool = True,
     store = feature_store(spec.task_entries(), tasks)
     model, tokenizer = load_model(spec.model, tasks, config.seed)
     if store is not None:
-        model = vision_language_model(model, tokenizer, store, config.seed, tasks.num_labels)
+        model = vision_language_model(model, tokenizer, store, config.seed, tasks.num_labels, tasks,
+                                      spec.vision_settings())
     if for_loading:
         return model, tokenizer, tasks, config
     if config.cache_ladders:  # refuse before LST's Fisher init spends half a minute
