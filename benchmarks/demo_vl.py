@@ -14,9 +14,9 @@ training images' per-dimension statistics (``--no-standardize``: raw).
 
 The language backbone is all-MiniLM-L6-v2 (frozen, encoder-only), loaded as ``leantune train`` loads it
 (:func:`leantune.train.run.load_model`) inside a :class:`leantune.vl.VisionLanguageModel` with four image slots
-(a grid's cells) and ``--pooling text+images``: the visual tokens follow the text, and an answer head reads the
-text mean and each image's output in its own slot (so it can tell the left image from the right one, a grid's
-top-left cell from the others) and classifies over each task's answer vocabulary (one slice per task). The
+(a grid's cells) and ``--pooling text+visual``: the visual tokens follow the text, and an answer head reads the
+text and visual means side by side (``--pooling text+images``: each image's mean in its own slot) and classifies
+over each task's answer vocabulary (one slice per task). The
 three tasks train together (one task per batch, round-robin) with ``leantune.train``, ``--workers`` methods at a
 time (spawned processes, one torch thread each by default); every method also trains
 the visual projection and the answer head, at ``--new-module-lr``
