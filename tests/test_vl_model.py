@@ -293,9 +293,8 @@ def test_padding_the_text_does_not_move_the_visual_tokens(pooling: str) -> None:
         torch.testing.assert_close(model(**inputs).logits[-1:], model(**alone).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_text_and_visual_pooling_reads_both_means_side_by_side() -> None:
-    model = vl_model("bert", pooling="text+visual").eval()
-    inputs = vl_inputs("bert")
+def hidden_and_pooled(model: VisionLanguageModel, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text model's last hidden states and what the answer head received, in one forward."""
     seen = {}
     hooks = [model.text_model.register_forward_hook(lambda _m, _a, out: seen.update(hidden=out.last_hidden_state)),
              model.classifier.register_forward_hook(lambda _m, args, _o: seen.update(pooled=args[0]))]
@@ -303,11 +302,18 @@ def test_text_and_visual_pooling_reads_both_means_side_by_side() -> None:
         model(**inputs)
     for hook in hooks:
         hook.remove()
-    hidden, mask = seen["hidden"], inputs["attention_mask"]
+    return seen["hidden"], seen["pooled"]
+
+
+def test_text_and_visual_pooling_reads_both_means_side_by_side() -> None:
+    model = vl_model("bert", pooling="text+visual").eval()
+    inputs = vl_inputs("bert")
+    hidden, pooled = hidden_and_pooled(model, inputs)
+    mask = inputs["attention_mask"]
     length = mask.shape[1]
     for row in range(2):
         text = hidden[row, :length][mask[row].bool()].mean(dim=0)
-        torch.testing.assert_close(seen["pooled"][row], torch.cat([text, hidden[row, length:].mean(dim=0)]))
+        torch.testing.assert_close(pooled[row], torch.cat([text, hidden[row, length:].mean(dim=0)]))
     assert model.classifier.layers[0].in_features == 2 * model.config.hidden_size
 
 
@@ -317,21 +323,15 @@ def test_text_and_images_pooling_gives_each_image_its_own_slot(images: int | Non
     slots of absent images (a one-image input fills the first)."""
     model = vl_model("bert", pooling="text+images", num_images=3).eval()
     inputs = vl_inputs("bert", images=images)
-    seen = {}
-    hooks = [model.text_model.register_forward_hook(lambda _m, _a, out: seen.update(hidden=out.last_hidden_state)),
-             model.classifier.register_forward_hook(lambda _m, args, _o: seen.update(pooled=args[0]))]
-    with torch.no_grad():
-        model(**inputs)
-    for hook in hooks:
-        hook.remove()
-    hidden, mask = seen["hidden"], inputs["attention_mask"]
+    hidden, pooled = hidden_and_pooled(model, inputs)
+    mask = inputs["attention_mask"]
     length, width, count = mask.shape[1], model.config.hidden_size, images or 1
     assert model.classifier.layers[0].in_features == 4 * width
     for row in range(2):
         text = hidden[row, :length][mask[row].bool()].mean(dim=0)
         per_image = hidden[row, length:].reshape(count, TOKENS, width).mean(dim=1)
         absent = torch.zeros(3 - count, width)
-        torch.testing.assert_close(seen["pooled"][row], torch.cat([text, per_image.flatten(), absent.flatten()]))
+        torch.testing.assert_close(pooled[row], torch.cat([text, per_image.flatten(), absent.flatten()]))
 
 
 def test_a_standardized_feature_store_centres_and_scales_by_the_training_images(tmp_path) -> None:
