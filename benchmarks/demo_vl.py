@@ -52,12 +52,8 @@ from leantune import assets  # noqa: E402
 from leantune.registry import get_method  # noqa: E402
 from leantune.tasks.digits import DigitBenchmark, DigitSizes, blind_accuracy, build_digit_tasks  # noqa: E402
 from leantune.tasks.multitask import MultiTask  # noqa: E402
-from leantune.train.data import (
-    MODEL_INPUT_PROCESSOR,  # noqa: E402
-    task_encoders,  # noqa: E402
-)
-from leantune.train.run import TaskBatches, load_model  # noqa: E402
-from leantune.vl import VisionLanguageModel  # noqa: E402
+from leantune.train.data import task_encoders  # noqa: E402
+from leantune.train.run import TaskBatches, VisionSettings, load_model, vision_language_model  # noqa: E402
 from leantune.vl.features import FeatureSettings, FeatureStore, extract_features  # noqa: E402
 from leantune.vl.model import POOLINGS  # noqa: E402
 
@@ -137,14 +133,13 @@ def feature_store(bench: DigitBenchmark, setting: Setting, cache: Path, progress
 
 # --- one method ---------------------------------------------------------------------------------------------------
 def build_tuned(name: str, tasks: MultiTask, store: FeatureStore, seed: int, pooling: str) -> tuple[Any, Any]:
-    """``(tuned model, tokenizer)``: MiniLM as ``leantune train`` loads it for a run with features, wrapped with
+    """``(tuned model, tokenizer)``: MiniLM as ``leantune train`` loads and wraps it for a run with features
+    (``vision: {num_images: 4, pooling: ...}``; the store is standardized by :func:`prepare`), wrapped with
     the method (LST's Fisher initialisation reads the training batches)."""
     method, options, _ = METHODS[name]
     text_model, tokenizer = load_model(BACKBONE, tasks, seed)
-    torch.manual_seed(seed)
-    model = VisionLanguageModel(text_model, store.feature_dim, num_images=4, num_answers=tasks.num_labels,
-                                pooling=pooling)
-    setattr(model, MODEL_INPUT_PROCESSOR, store)
+    model = vision_language_model(text_model, tokenizer, store, seed, tasks.num_labels,
+                                  settings=VisionSettings(num_images=4, pooling=pooling))
     config = leantune.make_config(method, **options)
     data = None
     if get_method(method)(config).needs_data():
