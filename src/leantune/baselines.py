@@ -243,8 +243,9 @@ class FeatureExtractor:
             return torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1)
         if mask is None:
             return hidden.mean(dim=1)
-        weights = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        from leantune.layers.pooling import masked_mean
+
+        return masked_mean(hidden, mask)
 
 
 def _text_length(example: Example) -> int:

@@ -5,4 +5,5 @@
 ``phm``        the parameterised hypercomplex multiplication layer (Compacter's projections)
 ``prefix``     prepending tokens to an input (a soft prompt and a visual prefix are the same operation)
 ``attention``  multi-head (cross-)attention through ``scaled_dot_product_attention``
+``pooling``    the masked mean of a token sequence (answer heads, frozen-feature baselines)
 """

@@ -197,11 +197,7 @@ class RunSpec:
 
     def vision_settings(self) -> VisionSettings:
         """The vision-language model's settings (``vision``; defaults where it is not given)."""
-        settings = build_strict(VisionSettings, self.vision or {}, "the run's 'vision' settings")
-        check_types(settings)
-        check_choice(settings, "pooling", POOLINGS)
-        check_positive(settings, "num_images")
-        return settings
+        return build_strict(VisionSettings, self.vision or {}, "the run's 'vision' settings")
 
     def task_entries(self) -> list[TaskEntry]:
         """The run's tasks, checked: the ``tasks`` list, or the one task of ``data`` or ``task``."""
@@ -599,6 +595,11 @@ class VisionSettings:
                                                            f"{', '.join(POOLINGS)} (VisionLanguageModel)."})
     standardize: bool = field(default=False, metadata={"help": "Centre and scale the features by the statistics "
                                                                "of the images the training examples use."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_choice(self, "pooling", POOLINGS)
+        check_positive(self, "num_images")
 
 
 def vision_language_model(text_model: torch.nn.Module, tokenizer: Any, store: Any, seed: int,

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from leantune.backbones import find_architecture, is_norm
 from leantune.config import check_choice
 from leantune.errors import ConfigError, UnsupportedMethodError, UnsupportedModelError
+from leantune.layers.pooling import masked_mean
 from leantune.layers.prefix import insert_tokens
 
 VISUAL_INPUTS = ("visual_features", "visual_boxes", "visual_mask")
@@ -121,7 +122,8 @@ class VisionLanguageModel(nn.Module):
     all-MiniLM-L6-v2 are trained for it), ``pooler`` = the backbone's own pooler (BERT's tanh layer over [CLS]),
     ``cls`` = the first token's last hidden state, ``text+visual`` = the mean over the text tokens and the mean over
     the visual tokens side by side (the answer head reads 2 x width: the image is not outweighed by a long question;
-    zeros for the visual half of a text-only input).
+    zeros for the visual half of a text-only input), ``text+images`` = the text mean and then each image's mean over
+    its tokens in its own slot, ``num_images`` slots (zeros for absent images), so the head can tell images apart.
     """
 
     main_input_name = "input_ids"
@@ -281,12 +283,6 @@ def packed_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only the unmasked tokens: the visual tokens after a padded text take the positions
     right after its last real token, the same in every batch whatever the padding."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mean of ``hidden`` (batch, n, d) over the positions where ``mask`` (batch, n) is set."""
-    weights = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 def text_model_of(model: nn.Module) -> nn.Module:
